@@ -1,0 +1,104 @@
+"""Powerplane's exceptions. Catch ``PowerplaneError`` to catch everything we raise.
+
+Library errors (aiohttp, docker-py, py-consul, ovsdbapp, pyroute2) are translated into this tree
+once, inside the wrapper module that owns that library; nothing else sees them.
+
+    PowerplaneError                 root; ``status`` is the HTTP status a Docker client gets
+    ├── ConfigError                 bad flags, environment or adapters.yml (serve refuses to start)
+    ├── UpstreamError               dockerd unreachable or misbehaving                      502
+    ├── HookError                   an adapter failed, timed out or answered nonsense        502
+    ├── BadRequest                  the client's request cannot be handled                   400
+    ├── StateError                  network state in Consul
+    │   ├── ConsulUnavailable       Consul does not answer                                   503
+    │   ├── ConsulAccessDenied      ACL token missing or lacking rights                      403
+    │   ├── InvalidNetwork          malformed name/CIDR/VNI/MTU                              400
+    │   ├── NetworkNotFound                                                                  404
+    │   ├── NetworkConflict         name, subnet or VNI already taken; network in use         409
+    │   └── PoolExhausted           no free address left in a network                        409
+    └── DataPlaneError              Open vSwitch or netlink refused a change                  500
+"""
+
+from __future__ import annotations
+
+
+class PowerplaneError(Exception):
+    """Root of every error Powerplane raises; catch this to catch everything."""
+
+    status: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(PowerplaneError):
+    """Configuration cannot be used: a flag, an environment variable or adapters.yml."""
+
+
+class UpstreamError(PowerplaneError):
+    """The Docker daemon behind the proxy cannot be reached or answered badly."""
+
+    status = 502
+
+
+class HookError(PowerplaneError):
+    """A hook (built-in or external Powerstrip adapter) failed; the request is stopped."""
+
+    status = 502
+
+
+class BadRequest(PowerplaneError):
+    """The client's request is malformed or too large to handle."""
+
+    status = 400
+
+
+class StateError(PowerplaneError):
+    """Reading or changing network state in Consul failed."""
+
+    status = 500
+
+
+class ConsulUnavailable(StateError):
+    """Consul does not answer at the configured address."""
+
+    status = 503
+
+
+class ConsulAccessDenied(StateError):
+    """Consul refused the request: ACL token missing or without the needed rights."""
+
+    status = 403
+
+
+class InvalidNetwork(StateError):
+    """A network name, CIDR, gateway, VNI or MTU is malformed or out of range."""
+
+    status = 400
+
+
+class NetworkNotFound(StateError):
+    """No network with that name or subnet exists."""
+
+    status = 404
+
+
+class NetworkConflict(StateError):
+    """The name, subnet or VNI is already taken, or the network is still in use."""
+
+    status = 409
+
+
+class PoolExhausted(StateError):
+    """Every usable address of a network is allocated."""
+
+    status = 409
+
+
+class DataPlaneError(PowerplaneError):
+    """Open vSwitch or the kernel (netlink) refused a data-plane change."""
+
+    status = 500

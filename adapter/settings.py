@@ -1,0 +1,210 @@
+"""Configuration, read once into a frozen ``Settings``.
+
+Every option has a command-line flag and a ``POWERPLANE_*`` environment variable; the flag wins.
+Consul's own ``CONSUL_HTTP_ADDR`` and ``CONSUL_HTTP_TOKEN`` are honoured like the consul CLI does,
+below the ``POWERPLANE_*`` names. Nothing here is read at import time: ``load_settings`` is called
+once by the command line and the result is passed down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from adapter.errors import ConfigError
+
+Datapath = Literal["system", "netdev"]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a Powerplane process is configured with."""
+
+    listen: tuple[str, ...] = ("unix:///run/powerplane/docker.sock",)
+    docker_url: str = "unix:///var/run/docker.sock"
+    consul_addr: str = "127.0.0.1:8500"
+    consul_scheme: str = "http"
+    consul_token: str | None = None
+    consul_prefix: str = "powerplane/"
+    adapters_file: Path | None = None
+    underlay_ip: str | None = None
+    underlay_interface: str | None = None
+    bridge: str = "powerplane0"
+    datapath: Datapath = "system"
+    ovsdb: str = "unix:/var/run/openvswitch/db.sock"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    sandbox_image: str = "busybox:latest"
+    mtu: int | None = None
+    vni_min: int = 256
+    vni_max: int = 16_777_215
+    host_id: str = ""
+    host_ttl: float = 15.0
+    reconcile_interval: float = 30.0
+    log_level: str = "info"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting as the command line and the environment spell it."""
+
+    field: str
+    flag: str
+    help: str
+    env_fallbacks: tuple[str, ...] = ()
+    parse: Callable[[str], Any] = str
+    repeatable: bool = False
+    metavar: str | None = None
+
+    @property
+    def env(self) -> str:
+        return "POWERPLANE_" + self.flag.lstrip("-").replace("-", "_").upper()
+
+
+def _path(value: str) -> Path:
+    return Path(value)
+
+
+def _datapath(value: str) -> Datapath:
+    if value not in ("system", "netdev"):
+        raise ValueError("must be 'system' (kernel) or 'netdev' (userspace)")
+    return value  # type: ignore[return-value]
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise ValueError("must be greater than 0")
+    return number
+
+
+def _mtu(value: str) -> int:
+    number = int(value)
+    if not 576 <= number <= 9000:
+        raise ValueError("must be between 576 and 9000")
+    return number
+
+
+def _consul_addr(value: str) -> str:
+    # CONSUL_HTTP_ADDR may carry a scheme; the scheme is split off by load_settings.
+    return value.strip()
+
+
+# Options shared by every command that talks to Consul.
+CONSUL_OPTIONS: tuple[Option, ...] = (
+    Option("consul_addr", "--consul", "Consul HTTP address HOST:PORT (default 127.0.0.1:8500; "
+           "CONSUL_HTTP_ADDR honoured)", env_fallbacks=("CONSUL_HTTP_ADDR",),
+           parse=_consul_addr, metavar="HOST:PORT"),
+    Option("consul_token", "--consul-token", "Consul ACL token (CONSUL_HTTP_TOKEN honoured)",
+           env_fallbacks=("CONSUL_HTTP_TOKEN",), metavar="TOKEN"),
+    Option("consul_prefix", "--consul-prefix", "KV prefix holding Powerplane's state "
+           "(default powerplane/)", metavar="PREFIX"),
+)
+
+SERVE_OPTIONS: tuple[Option, ...] = (
+    Option("listen", "--listen", "where the proxy listens: unix:///PATH or tcp://HOST:PORT; "
+           "repeatable (default unix:///run/powerplane/docker.sock). A non-loopback TCP address "
+           "needs --tls-cert, --tls-key and --tls-ca", repeatable=True, metavar="URL"),
+    Option("docker_url", "--docker", "upstream Docker daemon (default "
+           "unix:///var/run/docker.sock)", metavar="URL"),
+    Option("adapters_file", "--adapters", "Powerstrip adapters.yml naming the hooks to run",
+           parse=_path, metavar="FILE"),
+    Option("underlay_ip", "--underlay-ip", "this host's address on the underlay; VXLAN "
+           "tunnels from other hosts end here", metavar="IP"),
+    Option("underlay_interface", "--underlay-interface", "interface holding the underlay IP "
+           "(found from --underlay-ip when omitted)", metavar="DEV"),
+    Option("bridge", "--bridge", "OVS integration bridge (default powerplane0)", metavar="NAME"),
+    Option("datapath", "--datapath", "OVS datapath: system (kernel, default) or netdev "
+           "(userspace; also moves the underlay IP onto an OVS bridge)", parse=_datapath,
+           metavar="system|netdev"),
+    Option("ovsdb", "--ovsdb", "OVSDB connection (default unix:/var/run/openvswitch/db.sock)",
+           metavar="URL"),
+    Option("tls_cert", "--tls-cert", "TLS certificate for TCP listeners", parse=_path,
+           metavar="FILE"),
+    Option("tls_key", "--tls-key", "TLS private key for TCP listeners", parse=_path,
+           metavar="FILE"),
+    Option("tls_ca", "--tls-ca", "CA that client certificates must chain to (like dockerd "
+           "--tlsverify)", parse=_path, metavar="FILE"),
+    Option("sandbox_image", "--sandbox-image", "image of the network-only sandbox containers "
+           "(default busybox:latest)", metavar="IMAGE"),
+    Option("mtu", "--mtu", "overlay MTU (default: underlay MTU - 50)", parse=_mtu, metavar="N"),
+    Option("host_id", "--host-id", "this host's id in Consul (default: /etc/machine-id or the "
+           "hostname)", metavar="ID"),
+    Option("host_ttl", "--host-ttl", "seconds before a silent host is dropped (default 15)",
+           parse=_positive_float, metavar="SECONDS"),
+    Option("reconcile_interval", "--reconcile-interval", "seconds between reconciliations of "
+           "Consul, Docker and OVS (default 30)", parse=_positive_float, metavar="SECONDS"),
+    Option("log_level", "--log-level", "debug, info, warning or error (default info)",
+           metavar="LEVEL"),
+)
+
+
+def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
+    """Add flags for ``options``; the help names each one's environment variable."""
+    for option in options:
+        env_names = ", ".join((option.env, *option.env_fallbacks))
+        parser.add_argument(
+            option.flag,
+            dest=option.field,
+            action="append" if option.repeatable else "store",
+            default=None,
+            metavar=option.metavar,
+            help=f"{option.help} [env: {env_names}]",
+        )
+
+
+def load_settings(
+    args: argparse.Namespace,
+    environ: Mapping[str, str],
+    options: Sequence[Option],
+    base: Settings | None = None,
+) -> Settings:
+    """Merge flags over environment over defaults; raise ConfigError naming a bad value."""
+    values: dict[str, Any] = {}
+    for option in options:
+        raw: Any = getattr(args, option.field, None)
+        source = option.flag
+        if raw is None:
+            for name in (option.env, *option.env_fallbacks):
+                if environ.get(name):
+                    raw, source = environ[name], name
+                    if option.repeatable:
+                        raw = raw.split(",")
+                    break
+        if raw is None:
+            continue
+        try:
+            if option.repeatable:
+                values[option.field] = tuple(option.parse(item) for item in raw)
+            else:
+                values[option.field] = option.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: invalid value {raw!r}: {exc}") from None
+    settings = (base or Settings()).replace(**values)
+    addr = settings.consul_addr
+    if "://" in addr:
+        scheme, _, rest = addr.partition("://")
+        settings = settings.replace(consul_scheme=scheme, consul_addr=rest.rstrip("/"))
+    if not settings.consul_prefix.endswith("/"):
+        settings = settings.replace(consul_prefix=settings.consul_prefix + "/")
+    if not settings.host_id:
+        settings = settings.replace(host_id=default_host_id())
+    return settings
+
+
+def default_host_id() -> str:
+    """A stable id for this host: its machine-id, or its hostname when there is none."""
+    try:
+        machine_id = Path("/etc/machine-id").read_text().strip()
+    except OSError:
+        machine_id = ""
+    return machine_id or socket.gethostname()

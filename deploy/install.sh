@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Install everything Powerplane's demo and tests need on a fresh Debian 12 host, as root.
+# Idempotent: re-running it installs nothing twice.
+#
+#   deploy/install.sh            system packages, Consul, the local busybox image, powerplane
+#   deploy/install.sh --test     the same, plus the test and lint tools
+#
+# Environment:
+#   POWERPLANE_VENV   where the Python package is installed (default /opt/powerplane)
+#   POWERPLANE_IMAGE  name of the local busybox image (default busybox:latest)
+set -euo pipefail
+
+want_test=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) want_test=1 ;;
+    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "install.sh: unknown argument: $arg (try --help)" >&2; exit 2 ;;
+  esac
+done
+
+[ "$(id -u)" = 0 ] || { echo "install.sh: must run as root" >&2; exit 1; }
+here=$(cd "$(dirname "$0")/.." && pwd)
+venv=${POWERPLANE_VENV:-/opt/powerplane}
+image=${POWERPLANE_IMAGE:-busybox:latest}
+export DEBIAN_FRONTEND=noninteractive
+
+say() { printf '==> %s\n' "$*"; }
+
+packages=(docker.io openvswitch-switch busybox-static iproute2 nftables ethtool iputils-ping
+          iperf3 curl socat python3-venv python3-pip psmisc procps)
+if [ "$want_test" = 1 ]; then packages+=(shellcheck debootstrap tcpdump); fi
+
+# Consul is not in bookworm; bullseye's consul is a real server. A low pin keeps every
+# other package on bookworm.
+if [ ! -f /etc/apt/sources.list.d/bullseye.sources ]; then
+  say "adding Debian bullseye (low pin) for consul"
+  cat > /etc/apt/sources.list.d/bullseye.sources <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bullseye
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+  cat > /etc/apt/preferences.d/bullseye-low <<'PIN'
+Package: *
+Pin: release n=bullseye
+Pin-Priority: 100
+PIN
+  rm -f /var/lib/apt/periodic/powerplane-updated
+fi
+
+missing=()
+for p in "${packages[@]}" consul; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing Debian packages: ${missing[*]}"
+  apt-get update -qq
+  # Debian's packages start their daemons on install; with no init system here that can fail
+  # harmlessly, so a policy-rc.d keeps postinst from trying.
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  rm -f /usr/sbin/policy-rc.d
+fi
+
+say "python package into $venv"
+if [ ! -x "$venv/bin/python" ]; then python3 -m venv "$venv"; fi
+"$venv/bin/pip" install -q --upgrade pip >/dev/null
+if [ "$want_test" = 1 ]; then
+  "$venv/bin/pip" install -q -e "$here[test]"
+else
+  "$venv/bin/pip" install -q -e "$here"
+fi
+ln -sf "$venv/bin/powerplane" /usr/local/bin/powerplane
+
+say "done"
