@@ -1,0 +1,116 @@
+"""How a ``POST /containers/create`` body changes when the container joins an overlay network.
+
+Pure functions over the JSON body Docker's API takes; no I/O. The network hook calls them
+before anything is allocated, so a request they reject leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from adapter.docker_api import SandboxSpec
+from adapter.errors import BadRequest
+
+CIDR_VAR = "SOCKETPLANE_CIDR"
+NETWORK_VAR = "SOCKETPLANE_NETWORK"
+
+LABEL_PREFIX = "io.powerplane."
+LABEL_ROLE = LABEL_PREFIX + "role"  # "sandbox" on sandboxes
+LABEL_SANDBOX = LABEL_PREFIX + "sandbox"  # on apps: the sandbox whose namespace they share
+LABEL_NETWORK = LABEL_PREFIX + "network"
+LABEL_CIDR = LABEL_PREFIX + "cidr"
+LABEL_IP = LABEL_PREFIX + "ip"
+LABEL_GATEWAY = LABEL_PREFIX + "gateway"
+LABEL_MAC = LABEL_PREFIX + "mac"
+LABEL_HOST = LABEL_PREFIX + "host"
+LABEL_APP_NAME = LABEL_PREFIX + "app-name"
+SANDBOX_ROLE = "sandbox"
+
+# Network modes that mean "Docker's default"; anything else is the user's explicit choice.
+DEFAULT_NETWORK_MODES = {"", "default", "bridge"}
+
+
+@dataclass(frozen=True, slots=True)
+class OverlayRequest:
+    """What the client asked for through the SOCKETPLANE_* environment variables."""
+
+    cidr: str | None
+    network: str | None
+
+
+def overlay_request(body: Mapping[str, Any]) -> OverlayRequest | None:
+    """The overlay the container asks to join, or None when it asks for none."""
+    env = body.get("Env") or []
+    values: dict[str, str] = {}
+    for entry in env:
+        if isinstance(entry, str) and "=" in entry:
+            key, _, value = entry.partition("=")
+            if key in (CIDR_VAR, NETWORK_VAR):
+                values[key] = value.strip()
+    if not values:
+        return None
+    cidr = values.get(CIDR_VAR) or None
+    network = values.get(NETWORK_VAR) or None
+    if cidr is None and network is None:
+        raise BadRequest(f"{CIDR_VAR} or {NETWORK_VAR} is set but empty: give a subnet such as "
+                         f"10.0.6.0/24 or the name of a network")
+    return OverlayRequest(cidr=cidr, network=network)
+
+
+def check_compatible(body: Mapping[str, Any]) -> None:
+    """Refuse options that cannot work when the container shares a sandbox's network."""
+    host_config = body.get("HostConfig") or {}
+    mode = str(host_config.get("NetworkMode") or "")
+    if mode not in DEFAULT_NETWORK_MODES:
+        raise BadRequest(f"{CIDR_VAR}/{NETWORK_VAR} puts the container on an overlay network; "
+                         f"it cannot also use --network {mode}")
+    if host_config.get("PortBindings") or host_config.get("PublishAllPorts"):
+        raise BadRequest("publishing ports (-p/-P) is not supported for containers on an overlay "
+                         "network: reach them at their overlay address instead")
+    if host_config.get("Links"):
+        raise BadRequest("--link is not supported on an overlay network: containers reach each "
+                         "other by overlay address")
+    if body.get("MacAddress"):
+        raise BadRequest("--mac-address cannot be set on an overlay network: the MAC address "
+                         "is derived from the container's overlay IP")
+
+
+def sandbox_spec(body: Mapping[str, Any], *, image: str, name: str | None,
+                 labels: Mapping[str, str]) -> SandboxSpec:
+    """The sandbox for this request: it takes the options Docker forbids on the app itself."""
+    host_config = body.get("HostConfig") or {}
+    restart = host_config.get("RestartPolicy") or {}
+    # A sandbox must outlive restarts of its app; "no" and on-failure would let it stay dead.
+    restart_policy = {"Name": "unless-stopped"} if restart.get("Name") in (
+        "always", "unless-stopped", "on-failure") else {}
+    return SandboxSpec(
+        image=image,
+        name=f"{name}-powerplane" if name else None,
+        labels=dict(labels),
+        hostname=body.get("Hostname") or None,
+        domainname=body.get("Domainname") or None,
+        dns=tuple(host_config.get("Dns") or ()),
+        dns_search=tuple(host_config.get("DnsSearch") or ()),
+        dns_options=tuple(host_config.get("DnsOptions") or ()),
+        extra_hosts=tuple(host_config.get("ExtraHosts") or ()),
+        restart_policy=restart_policy,
+    )
+
+
+def rewrite_create(body: Mapping[str, Any], *, sandbox_id: str,
+                   labels: Mapping[str, str]) -> dict[str, Any]:
+    """The create body Docker receives: sharing the sandbox's namespace, labelled."""
+    rewritten = copy.deepcopy(dict(body))
+    for moved in ("Hostname", "Domainname", "ExposedPorts", "MacAddress"):
+        rewritten.pop(moved, None)
+    host_config = dict(rewritten.get("HostConfig") or {})
+    for moved in ("Dns", "DnsSearch", "DnsOptions", "ExtraHosts"):
+        host_config.pop(moved, None)
+    host_config["NetworkMode"] = f"container:{sandbox_id}"
+    rewritten["HostConfig"] = host_config
+    rewritten.pop("NetworkingConfig", None)
+    rewritten["Labels"] = {**(rewritten.get("Labels") or {}), **labels}
+    return rewritten

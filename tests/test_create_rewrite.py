@@ -1,0 +1,101 @@
+"""Unit tests of the create-request rewrite: pure functions, no daemon needed."""
+
+from __future__ import annotations
+
+import pytest
+
+from adapter.errors import BadRequest
+from adapter.hooks.create_rewrite import (
+    OverlayRequest,
+    check_compatible,
+    overlay_request,
+    rewrite_create,
+    sandbox_spec,
+)
+
+CLI_BODY = {
+    "Image": "busybox",
+    "Cmd": ["sleep", "1000"],
+    "Env": ["SOCKETPLANE_CIDR=10.0.6.1/24", "FOO=bar"],
+    "Hostname": "web1",
+    "Domainname": "example.test",
+    "Labels": {"app": "web"},
+    "ExposedPorts": {"80/tcp": {}},
+    "HostConfig": {
+        "NetworkMode": "default",
+        "Dns": ["10.0.6.53"],
+        "DnsSearch": ["example.test"],
+        "ExtraHosts": ["db:10.0.6.9"],
+        "RestartPolicy": {"Name": "always"},
+        "Binds": ["/tmp:/host"],
+    },
+    "NetworkingConfig": {"EndpointsConfig": {"default": {}}},
+}
+
+
+def test_no_overlay_variables_means_no_overlay() -> None:
+    """A create without SOCKETPLANE_* variables is not the hook's business."""
+    assert overlay_request({"Env": ["A=1"]}) is None
+    assert overlay_request({}) is None
+
+
+def test_overlay_variables_are_read_from_env() -> None:
+    """SOCKETPLANE_CIDR and SOCKETPLANE_NETWORK are both picked up, values trimmed."""
+    body = {"Env": ["SOCKETPLANE_CIDR= 10.0.6.1/24 ", "SOCKETPLANE_NETWORK=foo"]}
+    assert overlay_request(body) == OverlayRequest(cidr="10.0.6.1/24", network="foo")
+
+
+def test_empty_overlay_variable_is_refused() -> None:
+    """An empty SOCKETPLANE_CIDR is a mistake the user hears about."""
+    with pytest.raises(BadRequest, match="empty"):
+        overlay_request({"Env": ["SOCKETPLANE_CIDR="]})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"HostConfig": {"NetworkMode": "host"}}, "--network host"),
+        ({"HostConfig": {"PortBindings": {"80/tcp": [{"HostPort": "8080"}]}}}, "publishing"),
+        ({"HostConfig": {"PublishAllPorts": True}}, "publishing"),
+        ({"HostConfig": {"Links": ["db:db"]}}, "--link"),
+        ({"MacAddress": "02:42:00:00:00:01"}, "mac-address"),
+    ],
+)
+def test_incompatible_options_are_refused(change: dict[str, object], message: str) -> None:
+    """Options that cannot work with a shared sandbox namespace are refused by name."""
+    with pytest.raises(BadRequest, match=message):
+        check_compatible({"Image": "busybox", **change})
+
+
+def test_default_network_modes_are_compatible() -> None:
+    """What the docker CLI sends by default passes the check."""
+    for mode in ("", "default", "bridge"):
+        check_compatible({"HostConfig": {"NetworkMode": mode}})
+
+
+def test_sandbox_takes_the_options_docker_forbids_on_the_app() -> None:
+    """Hostname, domain, DNS and extra hosts move to the sandbox; restart policy follows."""
+    spec = sandbox_spec(CLI_BODY, image="busybox:latest", name="web", labels={"k": "v"})
+    assert spec.name == "web-powerplane"
+    assert spec.hostname == "web1"
+    assert spec.domainname == "example.test"
+    assert spec.dns == ("10.0.6.53",)
+    assert spec.dns_search == ("example.test",)
+    assert spec.extra_hosts == ("db:10.0.6.9",)
+    assert spec.restart_policy == {"Name": "unless-stopped"}
+    assert sandbox_spec({}, image="i", name=None, labels={}).restart_policy == {}
+
+
+def test_rewrite_shares_the_sandbox_namespace_and_keeps_the_rest() -> None:
+    """The rewritten create joins the sandbox, drops moved options, keeps everything else."""
+    rewritten = rewrite_create(CLI_BODY, sandbox_id="abc123", labels={"io.powerplane.ip": "1"})
+    assert rewritten["HostConfig"]["NetworkMode"] == "container:abc123"
+    for gone in ("Hostname", "Domainname", "ExposedPorts", "NetworkingConfig"):
+        assert gone not in rewritten
+    for gone in ("Dns", "DnsSearch", "ExtraHosts"):
+        assert gone not in rewritten["HostConfig"]
+    assert rewritten["HostConfig"]["Binds"] == ["/tmp:/host"]
+    assert rewritten["Env"] == CLI_BODY["Env"]
+    assert rewritten["Labels"] == {"app": "web", "io.powerplane.ip": "1"}
+    # The caller's body is left as it was.
+    assert CLI_BODY["HostConfig"]["NetworkMode"] == "default"  # type: ignore[index]
