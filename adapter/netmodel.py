@@ -1,0 +1,308 @@
+"""The network domain: networks, endpoints, hosts and the rules their values must follow.
+
+Pure data and validation; nothing here does I/O. ``adapter.state`` stores these objects in Consul
+as the JSON that ``to_json`` returns (the layout is in DESIGN.md), and reads them back with
+``from_json``. Every validation failure is an ``InvalidNetwork`` whose message says what is wrong
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from adapter.errors import InvalidNetwork
+
+# Docker's own rule for object names.
+NAME_PATTERN = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
+NAME_MAX_LENGTH = 64
+PREFIX_MIN = 8
+PREFIX_MAX = 29
+VNI_MIN = 1
+VNI_MAX = 16_777_215  # 24 bits
+MTU_MIN = 576
+MTU_MAX = 9000
+
+
+def validate_name(name: str) -> str:
+    """Return ``name`` if it is a valid network name, else raise InvalidNetwork."""
+    if not NAME_PATTERN.fullmatch(name) or len(name) > NAME_MAX_LENGTH:
+        raise InvalidNetwork(
+            f"invalid network name {name!r}: use 1 to {NAME_MAX_LENGTH} characters from "
+            "[a-zA-Z0-9_.-], starting with a letter or digit"
+        )
+    return name
+
+
+def parse_cidr(value: str) -> tuple[ipaddress.IPv4Network, ipaddress.IPv4Address]:
+    """Parse a CIDR as socketplane users typed it: return (subnet, gateway).
+
+    ``10.0.6.1/24``, ``10.0.6.0/24`` and ``10.0.6.9/24`` all mean subnet 10.0.6.0/24: the host
+    bits are ignored and the gateway is the subnet's first host address (.1).
+    """
+    text = value.strip()
+    if "/" not in text:
+        raise InvalidNetwork(f"invalid CIDR {value!r}: expected ADDRESS/PREFIX, e.g. 10.0.6.0/24")
+    try:
+        interface = ipaddress.ip_interface(text)
+    except ValueError:
+        raise InvalidNetwork(
+            f"invalid CIDR {value!r}: expected an IPv4 ADDRESS/PREFIX, e.g. 10.0.6.0/24"
+        ) from None
+    if not isinstance(interface, ipaddress.IPv4Interface):
+        raise InvalidNetwork(f"invalid CIDR {value!r}: only IPv4 networks are supported")
+    subnet = interface.network
+    if not PREFIX_MIN <= subnet.prefixlen <= PREFIX_MAX:
+        raise InvalidNetwork(
+            f"invalid CIDR {value!r}: prefix /{subnet.prefixlen} is out of range; "
+            f"use /{PREFIX_MIN} to /{PREFIX_MAX}"
+        )
+    return subnet, subnet.network_address + 1
+
+
+def parse_gateway(value: str, subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
+    """Validate an explicit gateway: a usable host address inside ``subnet``."""
+    try:
+        gateway = ipaddress.IPv4Address(value.strip())
+    except ValueError:
+        raise InvalidNetwork(f"invalid gateway {value!r}: expected an IPv4 address") from None
+    if gateway not in subnet or gateway in (subnet.network_address, subnet.broadcast_address):
+        raise InvalidNetwork(
+            f"invalid gateway {value!r}: must be a host address inside {subnet}"
+        )
+    return gateway
+
+
+def validate_vni(vni: int) -> int:
+    if not VNI_MIN <= vni <= VNI_MAX:
+        raise InvalidNetwork(f"invalid VNI {vni}: use {VNI_MIN} to {VNI_MAX}")
+    return vni
+
+
+def validate_mtu(mtu: int) -> int:
+    if not MTU_MIN <= mtu <= MTU_MAX:
+        raise InvalidNetwork(f"invalid MTU {mtu}: use {MTU_MIN} to {MTU_MAX}")
+    return mtu
+
+
+def name_for_subnet(subnet: ipaddress.IPv4Network) -> str:
+    """The name a network created from SOCKETPLANE_CIDR gets: ``net-10.0.6.0-24``."""
+    return f"net-{subnet.network_address}-{subnet.prefixlen}"
+
+
+def mac_for_ip(ip: str) -> str:
+    """The MAC an endpoint gets from its IPv4 address (Docker's scheme): 02:42 + the 4 octets."""
+    packed = ipaddress.IPv4Address(ip).packed
+    return "02:42:" + ":".join(f"{octet:02x}" for octet in packed)
+
+
+def _require(data: Mapping[str, Any], key: str, kind: type) -> Any:
+    value = data.get(key)
+    if not isinstance(value, kind):
+        raise ValueError(f"field {key!r} missing or not {kind.__name__}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Network:
+    """A virtual network that spans every host: one subnet, one VXLAN VNI."""
+
+    name: str
+    cidr: str
+    gateway: str
+    vni: int
+    mtu: int | None = None
+    created: float = field(default_factory=time.time)
+
+    @classmethod
+    def build(
+        cls,
+        name: str,
+        cidr: str,
+        *,
+        gateway: str | None = None,
+        vni: int,
+        mtu: int | None = None,
+        created: float | None = None,
+    ) -> Network:
+        """A validated network; the CIDR is normalised to its subnet (host bits dropped)."""
+        validate_name(name)
+        subnet, default_gateway = parse_cidr(cidr)
+        gateway_ip = default_gateway if gateway is None else parse_gateway(gateway, subnet)
+        validate_vni(vni)
+        if mtu is not None:
+            validate_mtu(mtu)
+        return cls(
+            name=name,
+            cidr=str(subnet),
+            gateway=str(gateway_ip),
+            vni=vni,
+            mtu=mtu,
+            created=time.time() if created is None else created,
+        )
+
+    @property
+    def subnet(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.cidr)
+
+    @property
+    def prefixlen(self) -> int:
+        return self.subnet.prefixlen
+
+    @property
+    def gateway_cidr(self) -> str:
+        """The gateway with the prefix length, as an interface address: ``10.0.6.1/24``."""
+        return f"{self.gateway}/{self.prefixlen}"
+
+    @property
+    def size(self) -> int:
+        """How many host addresses the subnet has (network and broadcast excluded)."""
+        return self.subnet.num_addresses - 2
+
+    @property
+    def capacity(self) -> int:
+        """How many addresses can be handed to containers (the gateway excluded too)."""
+        return self.size - 1
+
+    def host_address(self, offset: int) -> str:
+        """The ``offset``-th host address (0 → first after the network address)."""
+        if not 0 <= offset < self.size:
+            raise IndexError(offset)
+        return str(self.subnet.network_address + 1 + offset)
+
+    def host_offset(self, ip: str) -> int:
+        return int(ipaddress.IPv4Address(ip)) - int(self.subnet.network_address) - 1
+
+    def is_assignable(self, ip: str) -> bool:
+        """True for addresses a container may get: inside, not network/broadcast/gateway."""
+        address = ipaddress.IPv4Address(ip)
+        subnet = self.subnet
+        return (
+            address in subnet
+            and address not in (subnet.network_address, subnet.broadcast_address)
+            and str(address) != self.gateway
+        )
+
+    def assignable(self, start: int = 0) -> Iterator[str]:
+        """Assignable addresses in order, beginning at host offset ``start`` and wrapping."""
+        size = self.size
+        for step in range(size):
+            ip = self.host_address((start + step) % size)
+            if ip != self.gateway:
+                yield ip
+
+    def overlaps(self, other: Network | ipaddress.IPv4Network) -> bool:
+        subnet = other.subnet if isinstance(other, Network) else other
+        return self.subnet.overlaps(subnet)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "cidr": self.cidr,
+            "gateway": self.gateway,
+            "vni": self.vni,
+            "mtu": self.mtu,
+            "created": self.created,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Network:
+        mtu = data.get("mtu")
+        return cls(
+            name=_require(data, "name", str),
+            cidr=_require(data, "cidr", str),
+            gateway=_require(data, "gateway", str),
+            vni=_require(data, "vni", int),
+            mtu=mtu if isinstance(mtu, int) else None,
+            created=float(data.get("created") or 0.0),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AddressRecord:
+    """Who holds one address of a network; stored under ``addresses/<network>/<ip>``."""
+
+    ip: str
+    container: str
+    host: str
+    mac: str
+    created: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "container": self.container,
+            "host": self.host,
+            "mac": self.mac,
+            "created": self.created,
+        }
+
+    @classmethod
+    def from_json(cls, ip: str, data: Mapping[str, Any]) -> AddressRecord:
+        return cls(
+            ip=ip,
+            container=str(data.get("container", "")),
+            host=str(data.get("host", "")),
+            mac=str(data.get("mac", "")),
+            created=float(data.get("created") or 0.0),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One container's attachment to a network on one host."""
+
+    container_id: str
+    network: str
+    ip: str
+    mac: str
+    host: str
+    port: str  # OVS port name on this host's bridge
+    sandbox: str = ""  # id of the network-only sandbox container holding the namespace
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "network": self.network,
+            "ip": self.ip,
+            "mac": self.mac,
+            "host": self.host,
+            "port": self.port,
+            "sandbox": self.sandbox,
+        }
+
+    @classmethod
+    def from_json(cls, container_id: str, data: Mapping[str, Any]) -> Endpoint:
+        return cls(
+            container_id=container_id,
+            network=_require(data, "network", str),
+            ip=_require(data, "ip", str),
+            mac=str(data.get("mac", "")),
+            host=str(data.get("host", "")),
+            port=str(data.get("port", "")),
+            sandbox=str(data.get("sandbox", "")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    """A host running ``powerplane serve``; tunnels from other hosts end at ``underlay_ip``."""
+
+    host_id: str
+    underlay_ip: str
+    hostname: str
+    version: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"underlay_ip": self.underlay_ip, "hostname": self.hostname, "version": self.version}
+
+    @classmethod
+    def from_json(cls, host_id: str, data: Mapping[str, Any]) -> Host:
+        return cls(
+            host_id=host_id,
+            underlay_ip=_require(data, "underlay_ip", str),
+            hostname=str(data.get("hostname", "")),
+            version=str(data.get("version", "")),
+        )
