@@ -1,0 +1,207 @@
+"""Open vSwitch configuration through OVSDB (the only module that imports ovsdbapp).
+
+Verbs are named like ``ovs-vsctl``'s and every one is idempotent: ensuring what exists changes
+nothing, deleting what is gone is not an error. A change that touches several rows (a port, its
+interface and the bridge's port list) is one transaction, so a crash never leaves half of it.
+
+ovsdbapp is blocking; every call runs in a worker thread so the event loop never waits on OVSDB.
+The connection is opened on first use: constructing an ``Ovs`` touches nothing. Library errors
+are translated here, once, into ``DataPlaneError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from ovsdbapp.backend.ovs_idl import connection, idlutils
+from ovsdbapp.schema.open_vswitch import impl_idl
+
+from adapter.errors import DataPlaneError
+
+SCHEMA = "Open_vSwitch"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class OvsPort:
+    """One port of a bridge as OVSDB holds it (a port with a single interface)."""
+
+    name: str
+    type: str = ""  # the interface type: "" (system), "internal", "vxlan", ...
+    tag: int | None = None
+    protected: bool = False
+    external_ids: Mapping[str, str] = field(default_factory=dict)
+    options: Mapping[str, str] = field(default_factory=dict)
+    ofport: int | None = None
+
+
+def _scalar(value: Any) -> Any:
+    """OVSDB optional columns read as [] or [value]."""
+    if isinstance(value, list):
+        return value[0] if value else None
+    return value
+
+
+class Ovs:
+    """Configuration of one Open vSwitch instance, reached at the OVSDB URL ``ovsdb``."""
+
+    def __init__(self, ovsdb: str, *, timeout: float = 10.0) -> None:
+        self.url = ovsdb
+        self.timeout = timeout
+        self._api: Any = None
+        self._lock = threading.Lock()
+
+    # -- connection ----------------------------------------------------------------------------
+
+    def _connect(self) -> Any:
+        with self._lock:
+            if self._api is None:
+                helper = idlutils.get_schema_helper(self.url, SCHEMA)
+                helper.register_all()
+                idl = connection.OvsdbIdl(self.url, helper)
+                conn = connection.Connection(idl, timeout=self.timeout)
+                # NOTE: ovsdbapp keeps the connection in a class attribute, one per class per
+                # process. A class of our own per instance lets one process talk to several
+                # OVS instances (one per simulated host in the lab, or a tool inspecting many).
+                api_class = type("OvsdbApi", (impl_idl.OvsdbIdl,), {"_ovsdb_connection": None})
+                self._api = api_class(conn)
+            return self._api
+
+    async def _call(self, what: str, work: Callable[[Any], T]) -> T:
+        def run() -> T:
+            return work(self._connect())
+
+        try:
+            return await asyncio.to_thread(run)
+        except DataPlaneError:
+            raise
+        except Exception as exc:
+            raise DataPlaneError(f"Open vSwitch at {self.url}: {what} failed: {exc}") from exc
+
+    async def connect(self) -> None:
+        """Open the OVSDB connection now (otherwise the first call does)."""
+        await self._call("connect", lambda api: None)
+
+    async def close(self) -> None:
+        """Close the OVSDB connection (idempotent)."""
+        with self._lock:
+            api, self._api = self._api, None
+        if api is not None:
+            await asyncio.to_thread(api.ovsdb_connection.stop, self.timeout)
+
+    # -- bridges -------------------------------------------------------------------------------
+
+    async def ensure_bridge(
+        self,
+        name: str,
+        *,
+        datapath: str = "system",
+        hwaddr: str | None = None,
+        ports: Iterable[str] = (),
+    ) -> None:
+        """Make bridge ``name`` exist with ``datapath`` (and MAC ``hwaddr``) holding ``ports``."""
+        system_ports = list(ports)
+
+        def work(api: Any) -> None:
+            # NOTE: one transaction, so a host never sees the underlay port without its bridge.
+            with api.transaction(check_error=True) as txn:
+                txn.add(api.add_br(name, may_exist=True, datapath_type=datapath))
+                txn.add(api.db_set("Bridge", name, ("datapath_type", datapath)))
+                if hwaddr is not None:
+                    txn.add(api.db_set("Bridge", name, ("other_config", {"hwaddr": hwaddr})))
+                for port in system_ports:
+                    txn.add(api.add_port(name, port, may_exist=True))
+
+        await self._call(f"ensure bridge {name}", work)
+
+    async def delete_bridge(self, name: str) -> None:
+        await self._call(f"delete bridge {name}",
+                         lambda api: api.del_br(name, if_exists=True).execute(check_error=True))
+
+    async def bridge_exists(self, name: str) -> bool:
+        return bool(await self._call(f"look up bridge {name}",
+                                     lambda api: api.br_exists(name).execute(check_error=True)))
+
+    # -- ports ---------------------------------------------------------------------------------
+
+    async def ensure_port(
+        self,
+        bridge: str,
+        name: str,
+        *,
+        tag: int | None = None,
+        type: str = "",
+        options: Mapping[str, str] | None = None,
+        protected: bool = False,
+        external_ids: Mapping[str, str] | None = None,
+    ) -> None:
+        """Make port ``name`` exist on ``bridge`` with exactly these settings."""
+        port = OvsPort(name, type, tag, protected, dict(external_ids or {}), dict(options or {}))
+        await self.apply(bridge, ensure=[port])
+
+    async def apply(
+        self, bridge: str, *, ensure: Iterable[OvsPort] = (), delete: Iterable[str] = ()
+    ) -> None:
+        """Make ``ensure`` ports exist as described and ``delete`` ports gone: one transaction."""
+        wanted = list(ensure)
+        unwanted = list(delete)
+        if not wanted and not unwanted:
+            return
+
+        def work(api: Any) -> None:
+            with api.transaction(check_error=True) as txn:
+                for name in unwanted:
+                    txn.add(api.del_port(name, if_exists=True))
+                for port in wanted:
+                    txn.add(api.add_port(bridge, port.name, may_exist=True))
+                    txn.add(api.db_set(
+                        "Port", port.name,
+                        ("tag", port.tag if port.tag is not None else []),
+                        ("protected", port.protected),
+                        ("external_ids", dict(port.external_ids)),
+                    ))
+                    txn.add(api.db_set(
+                        "Interface", port.name,
+                        ("type", port.type),
+                        ("options", dict(port.options)),
+                        ("external_ids", dict(port.external_ids)),
+                    ))
+
+        names = ", ".join([*(p.name for p in wanted), *unwanted])
+        await self._call(f"change ports {names} on {bridge}", work)
+
+    async def delete_port(self, name: str) -> None:
+        """Remove port ``name`` from whatever bridge holds it; nothing if it is gone."""
+        await self._call(f"delete port {name}",
+                         lambda api: api.del_port(name, if_exists=True).execute(check_error=True))
+
+    async def list_ports(self, bridge: str) -> list[OvsPort]:
+        """Every port of ``bridge`` except the bridge's own internal port; [] if no bridge."""
+
+        def work(api: Any) -> list[OvsPort]:
+            found: list[OvsPort] = []
+            # Read from the IDL's replica under the connection lock: consistent and cheap.
+            with api.ovsdb_connection.lock:
+                row = idlutils.row_by_value(api.idl, "Bridge", "name", bridge, None)
+                if row is None:
+                    return found
+                for port in row.ports:
+                    if port.name == bridge or not port.interfaces:
+                        continue
+                    iface = port.interfaces[0]
+                    found.append(OvsPort(
+                        name=port.name,
+                        type=iface.type,
+                        tag=_scalar(port.tag),
+                        protected=bool(_scalar(port.protected)),
+                        external_ids=dict(port.external_ids),
+                        options=dict(iface.options),
+                        ofport=_scalar(iface.ofport),
+                    ))
+            return sorted(found, key=lambda p: p.name)
+
+        return await self._call(f"list ports of {bridge}", work)
