@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Build the Powerplane image with no network during the build itself.
+#
+#   deploy/build-image.sh [--tag TAG] [--base IMAGE] [--wheels DIR] [--context DIR]
+#
+#   --tag TAG      image name (default powerplane:latest)
+#   --base IMAGE   base image with Python 3.11 (default: the Dockerfile's pinned python slim)
+#   --wheels DIR   use this prepared wheelhouse instead of running `pip wheel` (needs PyPI)
+#   --context DIR  build context to assemble (default: the repository; wheels go to build/wheels)
+#
+# The Docker daemon is the one DOCKER_HOST names (the default socket otherwise). The project and
+# its dependencies are turned into wheels on this host first; `docker build --network none` then
+# installs them with --no-index.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+tag=powerplane:latest
+base=""
+wheels=""
+context=$here
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --tag) tag=$2; shift 2 ;;
+    --base) base=$2; shift 2 ;;
+    --wheels) wheels=$2; shift 2 ;;
+    --context) context=$2; shift 2 ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "build-image.sh: unknown argument: $1 (try --help)" >&2; exit 2 ;;
+  esac
+done
+
+say() { printf '==> %s\n' "$*"; }
+python=${POWERPLANE_VENV:-/opt/powerplane}/bin/python
+[ -x "$python" ] || python=python3
+
+mkdir -p "$context/build/wheels"
+if [ -n "$wheels" ]; then
+  say "wheelhouse: copying $wheels"
+  cp "$wheels"/*.whl "$context/build/wheels/"
+else
+  say "wheelhouse: pip wheel of $here and its dependencies"
+  rm -f "$context"/build/wheels/powerplane-*.whl
+  "$python" -m pip wheel --quiet --disable-pip-version-check \
+    --wheel-dir "$context/build/wheels" "$here"
+fi
+if [ "$context" != "$here" ]; then
+  mkdir -p "$context/deploy"
+  cp "$here/deploy/adapters.yml" "$context/deploy/adapters.yml"
+  cp "$here/.dockerignore" "$context/.dockerignore"
+fi
+
+build_args=()
+if [ -n "$base" ]; then build_args+=(--build-arg "BASE=$base"); fi
+say "docker build $tag${base:+ from $base} (no network)"
+# The classic builder: it needs no buildx plugin and honours --network none.
+DOCKER_BUILDKIT=0 docker build --quiet --network none "${build_args[@]}" \
+  -f "$here/Dockerfile" -t "$tag" "$context" >/dev/null
+say "built $tag"
