@@ -1,0 +1,325 @@
+"""Kernel network links through netlink (the only module that imports pyroute2).
+
+A container port is a veth pair: one end stays in the host namespace (named ``ovs…``, plugged on
+the OVS bridge), the other is created straight inside the container's namespace as ``eth0`` with
+its MAC, address, MTU and default route. Every verb is idempotent: running it again, or after a
+crash half-way, converges on the same result.
+
+Sockets inside another namespace are created by pyroute2 in a short-lived child process; that and
+the ethtool ioctl run in a worker thread so the event loop never blocks. Library and kernel
+errors are translated here, once, into ``DataPlaneError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import fcntl
+import ipaddress
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from pyroute2 import AsyncIPRoute, NetlinkError
+from pyroute2 import netns as pyroute2_netns
+
+from adapter.errors import DataPlaneError
+
+NETNS_RUN_DIR = "/run/netns"
+NETLINK_ROUTE = 0
+IFNAMSIZ = 16
+
+# linux/sockios.h and linux/ethtool.h
+SIOCETHTOOL = 0x8946
+ETHTOOL_GTXCSUM = 0x16
+ETHTOOL_STXCSUM = 0x17
+
+NetnsRef = int | str  # a pid, a netns path, or a name under /run/netns
+
+
+def netns_path(netns: NetnsRef) -> str:
+    """The namespace file for a pid (its network namespace), a path, or a name in /run/netns."""
+    if isinstance(netns, int):
+        return f"/proc/{netns}/ns/net"
+    return netns if "/" in netns else f"{NETNS_RUN_DIR}/{netns}"
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerLink:
+    """What the container end of a veth pair should look like."""
+
+    ifname: str
+    mac: str
+    address: str  # IP/prefix, e.g. 10.0.6.2/24
+    mtu: int
+    gateway: str | None
+
+
+def _ethtool_tx_checksum(sock: socket.socket, ifname: str, enabled: bool | None) -> bool:
+    """Read (``enabled`` None) or set tx checksum offload of ``ifname``; return the state."""
+    command = ETHTOOL_GTXCSUM if enabled is None else ETHTOOL_STXCSUM
+    value = ctypes.create_string_buffer(struct.pack("II", command, int(bool(enabled))), 8)
+    request = struct.pack(f"{IFNAMSIZ}sP", ifname.encode(), ctypes.addressof(value))
+    request = request.ljust(40, b"\0")  # sizeof(struct ifreq)
+    fcntl.ioctl(sock.fileno(), SIOCETHTOOL, request)
+    return bool(struct.unpack("II", value.raw)[1])
+
+
+def _netns_socket(netns: str | None, family: int, kind: int, proto: int = 0) -> socket.socket:
+    if netns is None:
+        return socket.socket(family, kind, proto)
+    netns = netns_path(netns)
+    if not os.path.exists(netns):
+        raise DataPlaneError(f"network namespace {netns} does not exist")
+    # flags=0: never let pyroute2 create a namespace that is not there.
+    sock: socket.socket = pyroute2_netns.create_socket(
+        netns=netns, family=family, socket_type=kind, proto=proto, flags=0
+    )
+    return sock
+
+
+async def set_tx_checksum(ifname: str, enabled: bool, *, netns: str | None = None) -> None:
+    """Turn tx checksum offload of ``ifname`` (in ``netns``, default ours) on or off."""
+
+    def work() -> None:
+        sock = _netns_socket(netns, socket.AF_INET, socket.SOCK_DGRAM)
+        with sock:
+            if _ethtool_tx_checksum(sock, ifname, None) != enabled:
+                _ethtool_tx_checksum(sock, ifname, enabled)
+
+    try:
+        await asyncio.to_thread(work)
+    except OSError as exc:
+        raise DataPlaneError(f"ethtool on {ifname}: {exc.strerror or exc}") from exc
+
+
+async def tx_checksum(ifname: str, *, netns: str | None = None) -> bool:
+    """Whether tx checksum offload is on for ``ifname``."""
+
+    def work() -> bool:
+        with _netns_socket(netns, socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            return _ethtool_tx_checksum(sock, ifname, None)
+
+    try:
+        return await asyncio.to_thread(work)
+    except OSError as exc:
+        raise DataPlaneError(f"ethtool on {ifname}: {exc.strerror or exc}") from exc
+
+
+@asynccontextmanager
+async def _iproute(netns: str | None = None) -> AsyncIterator[Any]:
+    """An rtnetlink socket in ``netns`` (default: the current one); errors translated."""
+    try:
+        if netns is None:
+            ipr = AsyncIPRoute()
+        else:
+            sock = await asyncio.to_thread(
+                _netns_socket, netns, socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE
+            )
+            ipr = AsyncIPRoute(use_socket=sock)
+    except OSError as exc:
+        raise DataPlaneError(f"netlink in {netns or 'host namespace'}: {exc}") from exc
+    try:
+        yield ipr
+    except NetlinkError as exc:
+        raise DataPlaneError(
+            f"netlink in {netns or 'host namespace'}: {os.strerror(exc.code)}"
+        ) from exc
+    except OSError as exc:
+        raise DataPlaneError(f"netlink in {netns or 'host namespace'}: {exc}") from exc
+    finally:
+        ipr.close()
+
+
+async def _index(ipr: Any, ifname: str) -> int | None:
+    try:
+        links = [link async for link in await ipr.link("dump", ifname=ifname)]
+    except NetlinkError as exc:
+        if exc.code in (errno.ENODEV, errno.ENOENT):
+            return None
+        raise
+    return int(links[0]["index"]) if links else None
+
+
+async def _link_info(ipr: Any, ifname: str) -> dict[str, Any] | None:
+    links = [link async for link in await ipr.link("dump", ifname=ifname)]
+    if not links:
+        return None
+    link = links[0]
+    return {
+        "index": int(link["index"]),
+        "mtu": link.get("IFLA_MTU"),
+        "mac": link.get("IFLA_ADDRESS"),
+        "up": bool(link["flags"] & 1),
+        "kind": (link.get(("IFLA_LINKINFO", "IFLA_INFO_KIND"))),
+    }
+
+
+async def link_exists(ifname: str, *, netns: str | None = None) -> bool:
+    async with _iproute(netns) as ipr:
+        return await _index(ipr, ifname) is not None
+
+
+async def link_mtu(ifname: str, *, netns: str | None = None) -> int:
+    """The MTU of ``ifname``; DataPlaneError if there is no such interface."""
+    async with _iproute(netns) as ipr:
+        info = await _link_info(ipr, ifname)
+    if info is None:
+        raise DataPlaneError(f"no interface {ifname}")
+    return int(info["mtu"])
+
+
+async def link_mac(ifname: str, *, netns: str | None = None) -> str:
+    async with _iproute(netns) as ipr:
+        info = await _link_info(ipr, ifname)
+    if info is None:
+        raise DataPlaneError(f"no interface {ifname}")
+    return str(info["mac"])
+
+
+async def interface_with_address(ip: str, *, netns: str | None = None) -> str | None:
+    """The name of the interface holding address ``ip``, or None."""
+    async with _iproute(netns) as ipr:
+        async for addr in await ipr.addr("dump", family=socket.AF_INET):
+            if addr.get("IFA_ADDRESS") == ip or addr.get("IFA_LOCAL") == ip:
+                index = addr["index"]
+                async for link in await ipr.link("dump", index=index):
+                    return str(link.get("IFLA_IFNAME"))
+    return None
+
+
+async def delete_link(ifname: str, *, netns: str | None = None) -> None:
+    """Remove ``ifname`` (for a veth, both ends go); nothing if it is gone."""
+    async with _iproute(netns) as ipr:
+        index = await _index(ipr, ifname)
+        if index is None:
+            return
+        try:
+            await ipr.link("del", index=index)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENODEV, errno.ENOENT):
+                raise
+
+
+async def ensure_veth(
+    host_ifname: str,
+    container_netns: NetnsRef,
+    container: ContainerLink,
+    *,
+    tx_checksum_off: bool,
+) -> None:
+    """Make a veth pair ``host_ifname`` ⇄ ``container.ifname`` (inside ``container_netns``).
+
+    The container end gets the MAC, address, MTU, link up and default route of ``container``;
+    the host end the same MTU and link up. With ``tx_checksum_off`` both ends stop offloading tx
+    checksums (needed when a userspace datapath reads the frames). A pair that exists with only
+    one end, or whose container end sits in another namespace, is replaced.
+    """
+    path = netns_path(container_netns)
+    async with _iproute() as host, _iproute(path) as inside:
+        host_index = await _index(host, host_ifname)
+        inside_index = await _index(inside, container.ifname)
+        if host_index is not None and inside_index is not None:
+            peer = await _peer_index(host, host_index)
+            if peer != inside_index or not await _is_veth(inside, inside_index):
+                host_index = None  # a stale pair: replace both ends
+                await host.link("del", index=await _index(host, host_ifname))
+        if host_index is None or inside_index is None:
+            if host_index is not None:
+                await host.link("del", index=host_index)
+            if inside_index is not None:
+                await inside.link("del", index=inside_index)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                await host.link("add", ifname=host_ifname, kind="veth",
+                                peer={"ifname": container.ifname, "net_ns_fd": fd})
+            finally:
+                os.close(fd)
+        await _configure_container_end(inside, container)
+        host_index = await _index(host, host_ifname)
+        if host_index is None:
+            raise DataPlaneError(f"veth {host_ifname} vanished while being configured")
+        await host.link("set", index=host_index, mtu=container.mtu, state="up")
+    if tx_checksum_off:
+        await set_tx_checksum(host_ifname, False)
+        await set_tx_checksum(container.ifname, False, netns=path)
+
+
+async def _peer_index(ipr: Any, index: int) -> int | None:
+    async for link in await ipr.link("dump", index=index):
+        peer = link.get("IFLA_LINK")
+        return int(peer) if peer is not None else None
+    return None
+
+
+async def _is_veth(ipr: Any, index: int) -> bool:
+    async for link in await ipr.link("dump", index=index):
+        return bool(link.get(("IFLA_LINKINFO", "IFLA_INFO_KIND")) == "veth")
+    return False
+
+
+async def _configure_container_end(ipr: Any, container: ContainerLink) -> None:
+    index = await _index(ipr, container.ifname)
+    if index is None:
+        raise DataPlaneError(f"{container.ifname} missing in the container namespace")
+    await ipr.link("set", index=index, address=container.mac, mtu=container.mtu)
+    interface = ipaddress.IPv4Interface(container.address)
+    present = {
+        (a.get("IFA_ADDRESS"), a["prefixlen"])
+        async for a in await ipr.addr("dump", index=index, family=socket.AF_INET)
+    }
+    wanted = (str(interface.ip), interface.network.prefixlen)
+    for address, prefixlen in present - {wanted}:
+        await ipr.addr("del", index=index, address=address, prefixlen=prefixlen)
+    if wanted not in present:
+        await ipr.addr("add", index=index, address=wanted[0], prefixlen=wanted[1])
+    await ipr.link("set", index=index, state="up")
+    lo = await _index(ipr, "lo")
+    if lo is not None:
+        await ipr.link("set", index=lo, state="up")
+    if container.gateway is not None:
+        await ipr.route("replace", dst="0.0.0.0/0", gateway=container.gateway, oif=index)
+
+
+async def move_address(ip_cidr: str, source: str, target: str) -> None:
+    """Move address ``ip_cidr`` and the routes through ``source`` onto ``target`` (idempotent).
+
+    Routes are re-created on ``target`` with the same destination, gateway and metric, so a
+    host keeps its default route when its underlay address moves onto an OVS bridge.
+    """
+    interface = ipaddress.IPv4Interface(ip_cidr)
+    address, prefixlen = str(interface.ip), interface.network.prefixlen
+    async with _iproute() as ipr:
+        source_index = await _index(ipr, source)
+        target_index = await _index(ipr, target)
+        if target_index is None:
+            raise DataPlaneError(f"no interface {target}")
+        await ipr.link("set", index=target_index, state="up")
+        routes: list[dict[str, Any]] = []
+        if source_index is not None:
+            async for route in await ipr.route("dump", family=socket.AF_INET, oif=source_index):
+                gateway = route.get("RTA_GATEWAY")
+                if gateway is None or route.get("RTA_TABLE") != 254:
+                    continue  # connected routes come back with the address; other tables: not ours
+                routes.append({
+                    "dst": f"{route.get('RTA_DST') or '0.0.0.0'}/{route['dst_len']}",
+                    "gateway": gateway,
+                    "priority": route.get("RTA_PRIORITY") or 0,
+                })
+            try:
+                await ipr.addr("del", index=source_index, address=address, prefixlen=prefixlen)
+            except NetlinkError as exc:
+                if exc.code != errno.EADDRNOTAVAIL:
+                    raise
+        try:
+            await ipr.addr("add", index=target_index, address=address, prefixlen=prefixlen)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
+        for route in routes:
+            await ipr.route("replace", oif=target_index, **route)
