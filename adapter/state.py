@@ -157,6 +157,9 @@ class State:
             raise ConsulUnavailable(
                 f"Consul at {where} did not answer within {seconds:g} s"
             ) from None
+        except aiohttp.ClientConnectorError as exc:
+            reason = exc.os_error.strerror or str(exc.os_error)
+            raise ConsulUnavailable(f"Consul at {where} is unreachable: {reason}") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise ConsulUnavailable(
                 f"Consul at {where} is unreachable: {_first_line(exc) or type(exc).__name__}"
@@ -165,7 +168,7 @@ class State:
             text = _first_line(exc)
             if "no cluster leader" in text.lower() or text.startswith("5"):
                 raise ConsulUnavailable(f"Consul at {where} cannot serve: {text}") from None
-            raise StateError(f"Consul at {where} refused the request: {text}") from None
+            raise StateError(f"Consul at {where} failed: {text}") from None
 
     async def ping(self) -> None:
         """Raise ConsulUnavailable / ConsulAccessDenied unless Consul serves our KV prefix."""

@@ -1,0 +1,139 @@
+"""``powerplane network create|list|info|rm``: manage the virtual networks shared by all hosts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from adapter.settings import CONSUL_OPTIONS, add_options, load_settings
+from adapter.state import State
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "network", help="create, list, inspect and remove networks",
+        description="Manage the virtual networks that span every host.",
+    )
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    create = actions.add_parser("create", help="create a network",
+                                description="Create a network shared by every host.")
+    create.add_argument("name", metavar="NAME", help="[a-zA-Z0-9][a-zA-Z0-9_.-]*")
+    create.add_argument("cidr", metavar="CIDR", help="IPv4 subnet, /8 to /29, e.g. 10.6.0.0/16")
+    create.add_argument("--gateway", metavar="IP", help="gateway address (default: first host)")
+    create.add_argument("--vni", type=int, metavar="N", help="VXLAN id (default: next free)")
+    create.add_argument("--mtu", type=int, metavar="N", help="overlay MTU (default: host's)")
+    create.set_defaults(handler=_create)
+
+    listing = actions.add_parser("list", aliases=["ls"], help="list networks")
+    listing.set_defaults(handler=_list)
+
+    info = actions.add_parser("info", aliases=["inspect"], help="show a network and its endpoints")
+    info.add_argument("name", metavar="NAME")
+    info.set_defaults(handler=_info)
+
+    remove = actions.add_parser("rm", aliases=["remove"], help="remove a network")
+    remove.add_argument("name", metavar="NAME")
+    remove.add_argument("--force", "-f", action="store_true",
+                        help="remove even while addresses are allocated")
+    remove.set_defaults(handler=_remove)
+
+    for command in (create, listing, info, remove):
+        add_options(command, CONSUL_OPTIONS)
+    for command in (listing, info):
+        command.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _state(args: argparse.Namespace, environ: Mapping[str, str]) -> State:
+    return State(load_settings(args, environ, CONSUL_OPTIONS))
+
+
+async def _create(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    state = _state(args, environ)
+    try:
+        network = await state.create_network(
+            args.name, args.cidr, gateway=args.gateway, vni=args.vni, mtu=args.mtu
+        )
+    finally:
+        await state.close()
+    print(f"{network.name}: subnet {network.cidr}, gateway {network.gateway}, "
+          f"VNI {network.vni}" + (f", MTU {network.mtu}" if network.mtu else ""))
+    return 0
+
+
+async def _list(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    state = _state(args, environ)
+    try:
+        networks = await state.list_networks()
+        counts = await state.address_counts()
+    finally:
+        await state.close()
+    if args.json:
+        print(json.dumps(
+            [{**n.to_json(), "addresses": counts.get(n.name, 0)} for n in networks], indent=2
+        ))
+        return 0
+    rows = [
+        [n.name, n.cidr, n.gateway, str(n.vni), str(n.mtu or "-"),
+         f"{counts.get(n.name, 0)}/{n.capacity}"]
+        for n in networks
+    ]
+    print(format_table(["NAME", "SUBNET", "GATEWAY", "VNI", "MTU", "ADDRESSES"], rows))
+    return 0
+
+
+async def _info(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    state = _state(args, environ)
+    try:
+        network = await state.get_network(args.name)
+        addresses = await state.addresses(network.name)
+        endpoints = {
+            e.container_id: e for e in await state.list_endpoints() if e.network == network.name
+        }
+    finally:
+        await state.close()
+    # The address records are the truth for what is allocated; endpoints add the port details.
+    members: list[dict[str, Any]] = []
+    for ip, record in addresses.items():
+        endpoint = endpoints.get(record.container)
+        members.append({
+            "container": record.container, "ip": ip, "mac": record.mac, "host": record.host,
+            "port": endpoint.port if endpoint and endpoint.ip == ip else "",
+            "sandbox": endpoint.sandbox if endpoint and endpoint.ip == ip else "",
+        })
+    if args.json:
+        print(json.dumps({**network.to_json(), "endpoints": members}, indent=2))
+        return 0
+    print(f"Name:      {network.name}\n"
+          f"Subnet:    {network.cidr}\n"
+          f"Gateway:   {network.gateway}\n"
+          f"VNI:       {network.vni}\n"
+          f"MTU:       {network.mtu or 'host default'}\n"
+          f"Addresses: {len(addresses)} of {network.capacity} in use")
+    if members:
+        print()
+        rows = [[m["container"][:12], m["ip"], m["mac"], m["host"], m["port"] or "-"]
+                for m in members]
+        print(format_table(["CONTAINER", "IP", "MAC", "HOST", "PORT"], rows))
+    return 0
+
+
+async def _remove(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    state = _state(args, environ)
+    try:
+        await state.delete_network(args.name, force=args.force)
+    finally:
+        await state.close()
+    print(args.name)
+    return 0
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns two spaces apart, like the docker CLI's tables."""
+    columns = zip(headers, *rows, strict=False)
+    widths = [max(len(str(cell)) for cell in column) for column in columns]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True))
+             .rstrip() for row in (headers, *rows)]
+    return "\n".join(lines)
