@@ -182,14 +182,14 @@ async def link_mac(ifname: str, *, netns: str | None = None) -> str:
     return str(info["mac"])
 
 
-async def interface_with_address(ip: str, *, netns: str | None = None) -> str | None:
-    """The name of the interface holding address ``ip``, or None."""
+async def interface_with_address(ip: str, *, netns: str | None = None) -> tuple[str, int] | None:
+    """(interface name, prefix length) of the interface holding address ``ip``, or None."""
     async with _iproute(netns) as ipr:
         async for addr in await ipr.addr("dump", family=socket.AF_INET):
-            if addr.get("IFA_ADDRESS") == ip or addr.get("IFA_LOCAL") == ip:
-                index = addr["index"]
+            if ip in (addr.get("IFA_ADDRESS"), addr.get("IFA_LOCAL")):
+                index, prefixlen = addr["index"], int(addr["prefixlen"])
                 async for link in await ipr.link("dump", index=index):
-                    return str(link.get("IFLA_IFNAME"))
+                    return str(link.get("IFLA_IFNAME")), prefixlen
     return None
 
 
@@ -323,3 +323,12 @@ async def move_address(ip_cidr: str, source: str, target: str) -> None:
                 raise
         for route in routes:
             await ipr.route("replace", oif=target_index, **route)
+
+
+async def set_mtu(ifname: str, mtu: int, *, netns: str | None = None) -> None:
+    """Set the MTU of ``ifname`` (and bring it up)."""
+    async with _iproute(netns) as ipr:
+        index = await _index(ipr, ifname)
+        if index is None:
+            raise DataPlaneError(f"no interface {ifname}")
+        await ipr.link("set", index=index, mtu=mtu, state="up")

@@ -1,0 +1,94 @@
+"""The tunnel reconciler: keeps this host's VXLAN ports in line with the hosts and networks.
+
+It follows two Consul watches (hosts, networks) and after every change makes the tunnel ports
+exactly (remote hosts) x (networks); never a tunnel to this host itself. A reconciliation that
+changes nothing writes nothing to OVS.
+
+The userspace datapath drops the first packet to a peer whose MAC it has not learnt yet (it sends
+an ARP request instead). After adding tunnels to a new peer we send one UDP datagram to the peer's
+underlay address from this host's stack: the ARP exchange that triggers passes through the OVS
+underlay bridge, which learns the peer's MAC before any container traffic needs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+from adapter.dataplane import DataPlane, TunnelChange
+from adapter.errors import PowerplaneError
+from adapter.netmodel import Host, Network
+
+log = logging.getLogger(__name__)
+
+DISCARD_PORT = 9  # RFC 863: nothing answers, nothing is disturbed
+
+
+class HostRegistry(Protocol):
+    """What the reconciler needs from ``adapter.state.State``."""
+
+    def watch_hosts(self) -> AsyncIterator[list[Host]]: ...
+
+    def watch_networks(self) -> AsyncIterator[list[Network]]: ...
+
+
+def prime_peer(remote_ip: str) -> None:
+    """Send one datagram to ``remote_ip`` so that its MAC is resolved before tunnel traffic."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.sendto(b"powerplane", (remote_ip, DISCARD_PORT))
+
+
+class TunnelReconciler:
+    """Runs until cancelled: every host or network change becomes one ``set_tunnels`` call."""
+
+    def __init__(self, dataplane: DataPlane, registry: HostRegistry) -> None:
+        self.dataplane = dataplane
+        self.registry = registry
+        self.hosts: list[Host] | None = None
+        self.networks: list[Network] | None = None
+        self._changed = asyncio.Event()
+        self.reconciled = asyncio.Event()  # set after each reconciliation (tests wait on it)
+
+    async def reconcile(self, hosts: Sequence[Host], networks: Sequence[Network]) -> TunnelChange:
+        """Make the tunnels match ``hosts`` x ``networks`` once; prime new peers."""
+        change = await self.dataplane.set_tunnels(hosts, networks)
+        for remote_ip in sorted({t.remote_ip for t in change.added}):
+            prime_peer(remote_ip)
+        if change.added or change.removed:
+            log.info("tunnels: +%d -%d (peers: %s)", len(change.added), len(change.removed),
+                     ", ".join(sorted({t.remote_ip for t in change.added})) or "-")
+        return change
+
+    async def _follow_hosts(self) -> None:
+        async for hosts in self.registry.watch_hosts():
+            self.hosts = hosts
+            self._changed.set()
+
+    async def _follow_networks(self) -> None:
+        async for networks in self.registry.watch_networks():
+            self.networks = networks
+            self._changed.set()
+
+    async def run(self) -> None:
+        """Follow both watches and reconcile after every change, until cancelled."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._follow_hosts(), name="powerplane-watch-hosts")
+            tasks.create_task(self._follow_networks(), name="powerplane-watch-networks")
+            while True:
+                await self._changed.wait()
+                self._changed.clear()
+                if self.hosts is None or self.networks is None:
+                    continue  # reconcile on a full picture only: never drop tunnels on half of it
+                try:
+                    await self.reconcile(self.hosts, self.networks)
+                except PowerplaneError:  # keep following; the next change retries
+                    log.exception("tunnel reconciliation failed; retrying on the next change")
+                    await asyncio.sleep(1)
+                    self._changed.set()
+                self.reconciled.set()

@@ -1,0 +1,67 @@
+"""Host set-up for the userspace (``netdev``) datapath: the underlay address on an OVS bridge.
+
+Userspace VXLAN needs to route its own tunnel packets, which it can only do when the underlay
+address sits on an OVS bridge of the same datapath. With ``--datapath netdev`` and
+``--underlay-ip IP`` the agent therefore changes the host like this (docs/dataplane.md):
+
+1. an OVS bridge ``br-phy`` (``datapath_type=netdev``) with the MAC of the underlay interface;
+2. the underlay interface becomes a port of ``br-phy`` of type ``afxdp-nonpmd`` (XDP in
+   best-effort mode): OVS takes every frame before the kernel stack sees it, so the kernel no
+   longer answers on that interface itself (it would send duplicate replies);
+3. the underlay address (and the gateway routes through that interface) move to ``br-phy``.
+
+Every step checks first, so re-running after a crash or a restart changes nothing.
+"""
+
+from __future__ import annotations
+
+from adapter import links
+from adapter.errors import DataPlaneError
+from adapter.ovs import Ovs, OvsPort
+from adapter.settings import Settings
+
+PHYSICAL_BRIDGE = "br-phy"
+UNDERLAY_PORT_TYPE = "afxdp-nonpmd"
+UNDERLAY_PORT_OPTIONS = {"xdp-mode": "best-effort"}
+
+
+async def underlay_mtu(settings: Settings) -> int:
+    """The MTU of the interface holding the underlay address (1500 when it is unknown)."""
+    name = settings.underlay_interface
+    if name is None and settings.underlay_ip:
+        found = await links.interface_with_address(settings.underlay_ip)
+        name = found[0] if found else None
+    return await links.link_mtu(name) if name else 1500
+
+
+async def ensure_netdev_underlay(ovs: Ovs, settings: Settings) -> int:
+    """Put the underlay address on ``br-phy`` holding the underlay interface; return its MTU."""
+    ip = settings.underlay_ip
+    if not ip:
+        raise DataPlaneError("the netdev datapath needs --underlay-ip")
+    found = await links.interface_with_address(ip)
+    if found is None:
+        raise DataPlaneError(f"no interface holds the underlay address {ip}")
+    holder, prefixlen = found
+    interface = settings.underlay_interface
+    if interface is None:
+        if holder != PHYSICAL_BRIDGE:
+            interface = holder
+        else:
+            # A re-run: the address already moved; the underlay port is the one br-phy holds.
+            ports = [p.name for p in await ovs.list_ports(PHYSICAL_BRIDGE)]
+            if len(ports) != 1:
+                raise DataPlaneError(f"{PHYSICAL_BRIDGE} holds {ports or 'no ports'}; name the "
+                                     "underlay interface with --underlay-interface")
+            interface = ports[0]
+    mac = await links.link_mac(interface)
+    mtu = await links.link_mtu(interface)
+    await ovs.ensure_bridge(PHYSICAL_BRIDGE, datapath="netdev", hwaddr=mac)
+    await ovs.apply(PHYSICAL_BRIDGE, ensure=[OvsPort(
+        interface, UNDERLAY_PORT_TYPE, None, False,
+        {"powerplane-kind": "underlay"}, UNDERLAY_PORT_OPTIONS,
+    )])
+    if holder != PHYSICAL_BRIDGE:
+        await links.move_address(f"{ip}/{prefixlen}", interface, PHYSICAL_BRIDGE)
+    await links.set_mtu(PHYSICAL_BRIDGE, mtu)
+    return mtu
