@@ -7,6 +7,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 from adapter.hooks import BuiltinHook
 from adapter.settings import Settings
+from adapter.tunnels import tunnel_agent
 
 
 @asynccontextmanager
@@ -17,5 +18,7 @@ async def host_runtime(settings: Settings) -> AsyncIterator[Mapping[str, Builtin
     before it tries them as external adapters. Everything is stopped on exit.
     """
     hooks: dict[str, BuiltinHook] = {}
-    async with AsyncExitStack():
+    async with AsyncExitStack() as stack:
+        if settings.underlay_ip:
+            await stack.enter_async_context(tunnel_agent(settings))
         yield hooks
