@@ -1,0 +1,182 @@
+"""The host agent: keeps this host's endpoints true to Docker, Consul and OVS.
+
+Two loops run inside ``powerplane serve``:
+
+* events: Docker's event stream. An overlay app destroyed by any client (the proxy, ``--rm``,
+  or someone talking to dockerd directly) is released at once; a sandbox started by a restart
+  policy or a daemon restart is wired again.
+* reconcile: at start-up and every ``reconcile_interval`` seconds, compares the three sources
+  and converges: endpoints without an app, sandboxes without an app, OVS ports without a
+  sandbox and addresses without a sandbox are released; apps that lost their record or their
+  port get them back. A create in flight in this process is left alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from adapter.docker_api import Docker
+from adapter.endpoints import DataPlaneLike, EndpointManager
+from adapter.errors import PowerplaneError
+from adapter.hooks.create_rewrite import (
+    LABEL_HOST,
+    LABEL_IP,
+    LABEL_MAC,
+    LABEL_NETWORK,
+    LABEL_PORT,
+    LABEL_ROLE,
+    LABEL_SANDBOX,
+    SANDBOX_ROLE,
+)
+from adapter.settings import Settings
+from adapter.state import State
+
+log = logging.getLogger(__name__)
+
+EVENT_RETRY_SECONDS = 2.0
+
+
+@dataclass(slots=True)
+class ReconcileReport:
+    """What one reconciliation changed; empty when the host was already in line."""
+
+    released_endpoints: list[str] = field(default_factory=list)
+    removed_sandboxes: list[str] = field(default_factory=list)
+    removed_ports: list[str] = field(default_factory=list)
+    released_addresses: list[str] = field(default_factory=list)
+    restored_endpoints: list[str] = field(default_factory=list)
+    replugged: list[str] = field(default_factory=list)
+
+    def changed(self) -> bool:
+        return any((self.released_endpoints, self.removed_sandboxes, self.removed_ports,
+                    self.released_addresses, self.restored_endpoints, self.replugged))
+
+
+class HostAgent:
+    def __init__(self, settings: Settings, *, state: State, dataplane: DataPlaneLike,
+                 docker: Docker, endpoints: EndpointManager) -> None:
+        self._settings = settings
+        self._state = state
+        self._dataplane = dataplane
+        self._docker = docker
+        self._endpoints = endpoints
+        self._reconcile_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+
+    @property
+    def _host(self) -> str:
+        return self._settings.host_id
+
+    async def run(self) -> None:
+        """Both loops, until cancelled."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._follow_events())
+            group.create_task(self._reconcile_forever())
+
+    async def _reconcile_forever(self) -> None:
+        while True:
+            try:
+                report = await self.reconcile()
+                if report.changed():
+                    log.info("reconciled: %s", report)
+            except PowerplaneError as exc:
+                log.warning("reconciliation postponed: %s", exc)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._settings.reconcile_interval)
+
+    async def _follow_events(self) -> None:
+        while True:
+            try:
+                async for event in self._docker.events(types=("destroy", "start")):
+                    await self._on_event(event)
+            except PowerplaneError as exc:
+                log.warning("Docker events interrupted (%s); retrying in %ss", exc,
+                            EVENT_RETRY_SECONDS)
+            # Events may have been missed while the stream was down.
+            self._wake.set()
+            await asyncio.sleep(EVENT_RETRY_SECONDS)
+
+    async def _on_event(self, event: Mapping[str, Any]) -> None:
+        actor = event.get("Actor") or {}
+        container_id = str(actor.get("ID") or event.get("id") or "")
+        labels: Mapping[str, str] = actor.get("Attributes") or {}
+        action = event.get("Action") or event.get("status")
+        try:
+            if action == "destroy" and LABEL_SANDBOX in labels:
+                await self._endpoints.detach_app(container_id)
+            elif action == "destroy" and labels.get(LABEL_ROLE) == SANDBOX_ROLE:
+                self._wake.set()
+            elif (action == "start" and labels.get(LABEL_ROLE) == SANDBOX_ROLE
+                  and labels.get(LABEL_HOST) == self._host
+                  and not self._endpoints.is_pending(container_id)):
+                await self._endpoints.replug(container_id, labels)
+        except PowerplaneError as exc:
+            log.warning("handling %s of %s failed (%s); reconciliation will retry", action,
+                        container_id[:12], exc)
+            self._wake.set()
+
+    async def reconcile(self) -> ReconcileReport:
+        async with self._reconcile_lock:
+            return await self._reconcile()
+
+    async def _reconcile(self) -> ReconcileReport:
+        report = ReconcileReport()
+        sandboxes = {c["Id"]: c for c in await self._docker.containers(
+            label=f"{LABEL_ROLE}={SANDBOX_ROLE}")
+            if (c.get("Labels") or {}).get(LABEL_HOST) == self._host}
+        apps = {c["Id"]: c for c in await self._docker.containers(label=LABEL_SANDBOX)}
+        sandbox_of_app = {app_id: (c.get("Labels") or {})[LABEL_SANDBOX]
+                          for app_id, c in apps.items()}
+        used_sandboxes = set(sandbox_of_app.values())
+        endpoints = {e.container_id: e for e in await self._state.list_endpoints(host=self._host)}
+
+        for app_id, endpoint in endpoints.items():
+            if app_id not in apps:
+                await self._endpoints.detach(endpoint)
+                report.released_endpoints.append(app_id[:12])
+
+        for app_id, app in apps.items():
+            labels = app.get("Labels") or {}
+            if app_id in endpoints or labels.get(LABEL_HOST) != self._host:
+                continue
+            if labels[LABEL_SANDBOX] not in sandboxes:
+                continue  # its sandbox is gone; nothing to record
+            await self._endpoints.commit(
+                app_id=app_id, network=labels.get(LABEL_NETWORK, ""), ip=labels.get(LABEL_IP, ""),
+                mac=labels.get(LABEL_MAC, ""), port=labels.get(LABEL_PORT, ""),
+                sandbox_id=labels[LABEL_SANDBOX])
+            report.restored_endpoints.append(app_id[:12])
+
+        for sandbox_id, sandbox in sandboxes.items():
+            if sandbox_id in used_sandboxes or self._endpoints.is_pending(sandbox_id):
+                continue
+            network = (sandbox.get("Labels") or {}).get(LABEL_NETWORK, "")
+            await self._endpoints.remove_orphan_sandbox(sandbox_id, network)
+            report.removed_sandboxes.append(sandbox_id[:12])
+        live = {s for s in sandboxes if s in used_sandboxes or self._endpoints.is_pending(s)}
+
+        plugged = {p.container_id: p for p in await self._dataplane.plugged()}
+        for container_id in plugged:
+            if container_id not in live:
+                await self._dataplane.unplug(container_id)
+                report.removed_ports.append(container_id[:12])
+        for sandbox_id in live:
+            if sandbox_id in plugged or self._endpoints.is_pending(sandbox_id):
+                continue
+            if str(sandboxes[sandbox_id].get("State")) == "running":
+                await self._endpoints.replug(sandbox_id, sandboxes[sandbox_id].get("Labels") or {})
+                report.replugged.append(sandbox_id[:12])
+
+        for network in await self._state.list_networks():
+            for ip, record in (await self._state.addresses(network.name)).items():
+                if (record.host == self._host and record.container not in live
+                        and not self._endpoints.is_pending(record.container)):
+                    await self._endpoints.release_if_owned(network.name, ip, record.container)
+                    report.released_addresses.append(f"{network.name}/{ip}")
+        return report

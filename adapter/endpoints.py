@@ -1,0 +1,279 @@
+"""The life of a container's overlay endpoint on this host, from sandbox to release.
+
+The network hook (driven by Docker API calls) and the host agent (driven by Docker events and
+periodic reconciliation) both change endpoints only through ``EndpointManager``, so the order of
+steps and their undo live in one place:
+
+    attach:   network → sandbox container (created) → address (CAS claim, owner = sandbox id)
+              → sandbox started → veth plugged into its namespace        (undone on any failure)
+    commit:   app container id known → endpoint record ``endpoints/<app id>``
+    detach:   unplug → remove sandbox → release address (only if still ours) → drop record
+
+Every step is idempotent, so a detach after a crash at any point converges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from adapter.docker_api import Docker
+from adapter.errors import BadRequest, DataPlaneError, NetworkNotFound, PowerplaneError
+from adapter.hooks.create_rewrite import (
+    LABEL_APP_NAME,
+    LABEL_CIDR,
+    LABEL_GATEWAY,
+    LABEL_HOST,
+    LABEL_IP,
+    LABEL_MAC,
+    LABEL_NETWORK,
+    LABEL_PORT,
+    LABEL_ROLE,
+    LABEL_SANDBOX,
+    SANDBOX_ROLE,
+    OverlayRequest,
+    sandbox_spec,
+)
+from adapter.netmodel import Endpoint, Network, parse_cidr
+from adapter.settings import Settings
+from adapter.state import State
+
+log = logging.getLogger(__name__)
+
+# How long a sandbox may wait for its app's create to come back before reconciliation may
+# treat it as abandoned (the client vanished between our pre- and post-hook).
+PENDING_GRACE_SECONDS = 120.0
+
+
+class PluggedPortLike(Protocol):
+    @property
+    def container_id(self) -> str: ...
+
+    @property
+    def port(self) -> str: ...
+
+    @property
+    def mac(self) -> str: ...
+
+
+class DataPlaneLike(Protocol):
+    """The part of ``adapter.dataplane.DataPlane`` endpoints need."""
+
+    async def plug(self, *, container_id: str, netns: int | str, network: Network,
+                   ip: str) -> PluggedPortLike: ...
+
+    async def unplug(self, container_id: str) -> None: ...
+
+    async def plugged(self) -> Sequence[PluggedPortLike]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """A started, plugged sandbox holding an address, waiting for its app container."""
+
+    network: Network
+    ip: str
+    mac: str
+    port: str
+    sandbox_id: str
+
+    def app_labels(self, host_id: str) -> dict[str, str]:
+        return {
+            LABEL_SANDBOX: self.sandbox_id,
+            LABEL_NETWORK: self.network.name,
+            LABEL_CIDR: self.network.cidr,
+            LABEL_IP: self.ip,
+            LABEL_GATEWAY: self.network.gateway,
+            LABEL_MAC: self.mac,
+            LABEL_PORT: self.port,
+            LABEL_HOST: host_id,
+        }
+
+
+class EndpointManager:
+    """Creates, repairs and removes overlay endpoints on this host."""
+
+    def __init__(self, settings: Settings, *, state: State, dataplane: DataPlaneLike,
+                 docker: Docker, dataplane_ready: asyncio.Future[None] | None = None) -> None:
+        self._settings = settings
+        self._dataplane_ready = dataplane_ready
+        self._state = state
+        self._dataplane = dataplane
+        self._docker = docker
+        self._pending: dict[str, float] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    @property
+    def host_id(self) -> str:
+        return self._settings.host_id
+
+    def _lock(self, key: str) -> asyncio.Lock:
+        return self._locks.setdefault(key, asyncio.Lock())
+
+    def is_pending(self, sandbox_id: str) -> bool:
+        deadline = self._pending.get(sandbox_id)
+        return deadline is not None and deadline > time.monotonic()
+
+    async def resolve_network(self, request: OverlayRequest) -> Network:
+        """The network a SOCKETPLANE_* request names: joined by name, or by subnet (created)."""
+        if request.network is not None:
+            try:
+                network = await self._state.get_network(request.network)
+            except NetworkNotFound:
+                raise NetworkNotFound(
+                    f"network {request.network!r} (SOCKETPLANE_NETWORK) does not exist: create "
+                    f"it with `powerplane network create {request.network} CIDR`, or use "
+                    f"SOCKETPLANE_CIDR") from None
+            if request.cidr is not None:
+                subnet, _ = parse_cidr(request.cidr)
+                if str(subnet) != network.cidr:
+                    raise BadRequest(
+                        f"SOCKETPLANE_NETWORK={request.network} has subnet {network.cidr}, but "
+                        f"SOCKETPLANE_CIDR={request.cidr} asks for {subnet}: give one or make "
+                        f"them agree")
+            return network
+        assert request.cidr is not None
+        return await self._state.network_for_cidr(request.cidr)
+
+    async def attach(self, network: Network, body: Mapping[str, Any], *,
+                     app_name: str | None) -> Attachment:
+        """Make a started, plugged sandbox with an address; undo everything if any step fails."""
+        self._require_dataplane()
+        labels = {
+            LABEL_ROLE: SANDBOX_ROLE,
+            LABEL_NETWORK: network.name,
+            LABEL_HOST: self.host_id,
+        }
+        if app_name:
+            labels[LABEL_APP_NAME] = app_name
+        spec = sandbox_spec(body, image=self._settings.sandbox_image, name=app_name,
+                            labels=labels)
+        sandbox_id = await self._docker.create_sandbox(spec)
+        self._pending[sandbox_id] = time.monotonic() + PENDING_GRACE_SECONDS
+        ip: str | None = None
+        try:
+            ip = await self._state.allocate_address(network, container=sandbox_id,
+                                                    host=self.host_id)
+            # Held so the agent's re-plug on the sandbox's `start` event waits for this plug.
+            async with self._lock(sandbox_id):
+                await self._docker.start(sandbox_id)
+                pid = await self._docker.running_pid(sandbox_id)
+                if pid is None:
+                    raise PowerplaneError(
+                        f"sandbox {sandbox_id[:12]} stopped right after it started")
+                port = await self._dataplane.plug(container_id=sandbox_id, netns=pid,
+                                                  network=network, ip=ip)
+        except BaseException:
+            await asyncio.shield(self._undo(sandbox_id, network.name, ip))
+            raise
+        log.info("sandbox %s on %s holds %s", sandbox_id[:12], network.name, ip)
+        return Attachment(network=network, ip=ip, mac=port.mac, port=port.port,
+                          sandbox_id=sandbox_id)
+
+    def _require_dataplane(self) -> None:
+        ready = self._dataplane_ready
+        if ready is not None and not (ready.done() and not ready.cancelled()
+                                      and ready.exception() is None):
+            raise DataPlaneError(
+                f"Open vSwitch is not reachable at {self._settings.ovsdb} (bridge "
+                f"{self._settings.bridge} not ready): is ovs-vswitchd running? "
+                "See `powerplane status`")
+
+    async def commit(self, *, app_id: str, network: str, ip: str, mac: str, port: str,
+                     sandbox_id: str) -> None:
+        """The app container exists: record the endpoint under its id."""
+        await self._state.put_endpoint(Endpoint(
+            container_id=app_id, network=network, ip=ip, mac=mac, host=self.host_id,
+            port=port, sandbox=sandbox_id))
+        self._pending.pop(sandbox_id, None)
+
+    async def abandon(self, sandbox_id: str, network: str, ip: str) -> None:
+        """Docker refused the app: take the sandbox and its address back."""
+        await self._undo(sandbox_id, network, ip)
+
+    async def _undo(self, sandbox_id: str, network: str, ip: str | None) -> None:
+        try:
+            await self._remove_sandbox(sandbox_id, network, ip)
+        except PowerplaneError as exc:
+            # Reconciliation will finish the job; the original error is what the user needs.
+            log.warning("undo of sandbox %s incomplete (%s); reconciliation will retry",
+                        sandbox_id[:12], exc)
+        finally:
+            self._pending.pop(sandbox_id, None)
+
+    async def _remove_sandbox(self, sandbox_id: str, network: str, ip: str | None) -> None:
+        async with self._lock(sandbox_id):
+            await self._dataplane.unplug(sandbox_id)
+            await self._docker.remove(sandbox_id)
+            if ip is not None:
+                await self.release_if_owned(network, ip, sandbox_id)
+
+    async def remove_orphan_sandbox(self, sandbox_id: str, network: str) -> None:
+        """A sandbox no app uses: unplug and remove it and release whatever address it holds."""
+        ip = await self._address_of(network, sandbox_id) if network else None
+        await self._remove_sandbox(sandbox_id, network, ip)
+
+    async def release_if_owned(self, network: str, ip: str, owner: str) -> None:
+        """Release ``ip`` unless it has been handed to someone else since."""
+        with contextlib.suppress(NetworkNotFound):
+            record = (await self._state.addresses(network)).get(ip)
+            if record is not None and record.container == owner:
+                await self._state.release_address(network, ip)
+
+    async def detach(self, endpoint: Endpoint) -> None:
+        """The app is gone: unplug, remove its sandbox, release the address, drop the record."""
+        await self._remove_sandbox(endpoint.sandbox, endpoint.network, endpoint.ip)
+        await self._state.delete_endpoint(endpoint.container_id)
+        log.info("released %s on %s (container %s)", endpoint.ip, endpoint.network,
+                 endpoint.container_id[:12])
+
+    async def detach_app(self, app_id: str) -> bool:
+        """Detach the endpoint recorded for ``app_id``, if any; True when there was one."""
+        endpoint = await self._state.get_endpoint(app_id)
+        if endpoint is None or endpoint.host != self.host_id:
+            return False
+        await self.detach(endpoint)
+        return True
+
+    async def ensure_sandbox_running(self, sandbox_id: str) -> None:
+        """Start a stopped sandbox (host reboot, daemon restart) and wire its new namespace."""
+        info = await self._docker.inspect(sandbox_id)
+        if info is None:
+            raise BadRequest(f"the network sandbox {sandbox_id[:12]} of this container is gone; "
+                             "remove the container and create it again")
+        if not info["State"].get("Running"):
+            await self._docker.start(sandbox_id)
+        await self.replug(sandbox_id, info["Config"].get("Labels") or {})
+
+    async def replug(self, sandbox_id: str, labels: Mapping[str, str]) -> None:
+        """Plug a running sandbox again from its labels; a no-op when nothing changed."""
+        network_name = labels.get(LABEL_NETWORK)
+        if not network_name:
+            return
+        async with self._lock(sandbox_id):
+            pid = await self._docker.running_pid(sandbox_id)
+            if pid is None:
+                return
+            network = await self._state.get_network(network_name)
+            ip = await self._address_of(network.name, sandbox_id)
+            if ip is None:
+                log.warning("sandbox %s holds no address on %s; leaving it to reconciliation",
+                            sandbox_id[:12], network.name)
+                return
+            await self._dataplane.plug(container_id=sandbox_id, netns=pid, network=network,
+                                       ip=ip)
+
+    async def _address_of(self, network: str, sandbox_id: str) -> str | None:
+        try:
+            addresses = await self._state.addresses(network)
+        except NetworkNotFound:
+            return None
+        for ip, record in addresses.items():
+            if record.container == sandbox_id:
+                return ip
+        return None

@@ -1,0 +1,184 @@
+"""The built-in ``network`` hook: Docker API calls that put containers on overlay networks.
+
+    POST   /containers/create       pre:  SOCKETPLANE_* in Env → sandbox, address, plug, rewrite
+                                    post: Docker refused → undo; accepted → record the endpoint
+    POST   /containers/{id}/start   pre:  restart and re-wire a sandbox that is not running
+    DELETE /containers/{id}         pre:  name → full id, so the post-hook knows whom to release
+                                    post: released synchronously once Docker removed it
+    GET    /containers/{id}/json    post: NetworkSettings shows the overlay address
+
+Between pre- and post-hook the hook keeps no memory: the rewritten request, which the post-hook
+receives, carries the sandbox, network and address as labels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
+
+from adapter.docker_api import Docker
+from adapter.endpoints import EndpointManager
+from adapter.errors import BadRequest
+from adapter.hooks import PowerstripMessage
+from adapter.hooks.create_rewrite import (
+    LABEL_CIDR,
+    LABEL_GATEWAY,
+    LABEL_IP,
+    LABEL_MAC,
+    LABEL_NETWORK,
+    LABEL_PORT,
+    LABEL_SANDBOX,
+    check_compatible,
+    overlay_request,
+    rewrite_create,
+)
+
+log = logging.getLogger(__name__)
+
+HOOK_NAME = "network"
+
+# The adapters.yml entries that register this hook, in Powerstrip's format.
+ENDPOINTS: dict[str, dict[str, list[str]]] = {
+    "POST /*/containers/create": {"pre": [HOOK_NAME], "post": [HOOK_NAME]},
+    "POST /*/containers/*/start": {"pre": [HOOK_NAME], "post": [HOOK_NAME]},
+    "DELETE /*/containers/*": {"pre": [HOOK_NAME], "post": [HOOK_NAME]},
+    "GET /*/containers/*/json": {"post": [HOOK_NAME]},
+}
+
+_VERSION = r"(?:/v[0-9.]+)?"
+CREATE = re.compile(rf"^{_VERSION}/containers/create$")
+START = re.compile(rf"^{_VERSION}/containers/(?P<id>[^/]+)/start$")
+DELETE = re.compile(rf"^{_VERSION}/containers/(?P<id>[^/]+)$")
+INSPECT = re.compile(rf"^{_VERSION}/containers/(?P<id>[^/]+)/json$")
+
+
+def _body(container: Mapping[str, Any]) -> Any:
+    raw = container.get("Body")
+    if raw in (None, ""):
+        return None
+    if isinstance(raw, str | bytes):
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise BadRequest("request body is not valid JSON") from None
+    return raw
+
+
+def _encode_like(original: Any, value: Any) -> Any:
+    """Answer in the form the message used: Powerstrip sends bodies as JSON strings."""
+    return json.dumps(value) if isinstance(original, str | bytes) else value
+
+
+class NetworkHook:
+    """Powerstrip adapter that attaches containers to overlay networks."""
+
+    def __init__(self, endpoints: EndpointManager, docker: Docker) -> None:
+        self._endpoints = endpoints
+        self._docker = docker
+
+    async def __call__(self, message: PowerstripMessage) -> PowerstripMessage:
+        request = dict(message.get("ClientRequest") or {})
+        method = str(request.get("Method", "")).upper()
+        path = urlsplit(str(request.get("Request", ""))).path
+        if message.get("Type") == "pre-hook":
+            if method == "POST" and CREATE.match(path):
+                request = await self._pre_create(request)
+            elif method == "POST" and (match := START.match(path)):
+                await self._pre_start(match["id"])
+            elif method == "DELETE" and (match := DELETE.match(path)):
+                request = await self._pre_delete(request, match["id"])
+            return {"PowerstripProtocolVersion": 1, "ModifiedClientRequest": request}
+        response = dict(message.get("ServerResponse") or {})
+        code = int(response.get("Code") or 0)
+        if method == "POST" and CREATE.match(path):
+            await self._post_create(request, response, code)
+        elif method == "DELETE" and (match := DELETE.match(path)) and 200 <= code < 300:
+            await self._endpoints.detach_app(match["id"])
+        elif method == "GET" and INSPECT.match(path) and code == 200:
+            response = self._post_inspect(response)
+        return {"PowerstripProtocolVersion": 1, "ModifiedServerResponse": response}
+
+    async def _pre_create(self, request: dict[str, Any]) -> dict[str, Any]:
+        body = _body(request)
+        if not isinstance(body, dict):
+            return request
+        overlay = overlay_request(body)
+        if overlay is None:
+            return request
+        check_compatible(body)
+        network = await self._endpoints.resolve_network(overlay)
+        query = parse_qs(urlsplit(str(request.get("Request", ""))).query)
+        names = query.get("name")
+        app_name = names[0] if names else None
+        attachment = await self._endpoints.attach(network, body, app_name=app_name)
+        labels = attachment.app_labels(self._endpoints.host_id)
+        rewritten = rewrite_create(body, sandbox_id=attachment.sandbox_id, labels=labels)
+        log.info("create%s joins %s at %s", f" {app_name}" if app_name else "", network.name,
+                 attachment.ip)
+        return {**request, "Body": _encode_like(request.get("Body"), rewritten)}
+
+    async def _post_create(self, request: Mapping[str, Any], response: Mapping[str, Any],
+                           code: int) -> None:
+        body = _body(request)
+        labels = (body.get("Labels") or {}) if isinstance(body, dict) else {}
+        sandbox_id = labels.get(LABEL_SANDBOX)
+        if not sandbox_id:
+            return
+        network, ip = labels.get(LABEL_NETWORK, ""), labels.get(LABEL_IP, "")
+        created = _body(response) if 200 <= code < 300 else None
+        app_id = created.get("Id") if isinstance(created, dict) else None
+        if not app_id:
+            log.info("Docker refused the create (HTTP %s); releasing %s on %s", code, ip, network)
+            await self._endpoints.abandon(sandbox_id, network, ip)
+            return
+        await self._endpoints.commit(app_id=app_id, network=network, ip=ip,
+                                     mac=labels.get(LABEL_MAC, ""),
+                                     port=labels.get(LABEL_PORT, ""), sandbox_id=sandbox_id)
+
+    async def _pre_start(self, container: str) -> None:
+        info = await self._docker.inspect(container)
+        labels = ((info or {}).get("Config") or {}).get("Labels") or {}
+        sandbox_id = labels.get(LABEL_SANDBOX)
+        if sandbox_id:
+            await self._endpoints.ensure_sandbox_running(sandbox_id)
+
+    async def _pre_delete(self, request: dict[str, Any], container: str) -> dict[str, Any]:
+        info = await self._docker.inspect(container)
+        labels = ((info or {}).get("Config") or {}).get("Labels") or {}
+        if info is None or LABEL_SANDBOX not in labels or info["Id"] == container:
+            return request
+        # Rewritten to the full id: after the delete, the name no longer leads anywhere.
+        parts = urlsplit(str(request.get("Request", "")))
+        path = parts.path[: -len(container)] + quote(info["Id"])
+        return {**request, "Request": path + (f"?{parts.query}" if parts.query else "")}
+
+    @staticmethod
+    def _post_inspect(response: dict[str, Any]) -> dict[str, Any]:
+        info = _body(response)
+        if not isinstance(info, dict):
+            return response
+        labels = (info.get("Config") or {}).get("Labels") or {}
+        ip = labels.get(LABEL_IP)
+        if not ip:
+            return response
+        prefix = int(str(labels.get(LABEL_CIDR, "/0")).rpartition("/")[2] or 0)
+        details = {
+            "IPAddress": ip,
+            "IPPrefixLen": prefix,
+            "Gateway": labels.get(LABEL_GATEWAY, ""),
+            "MacAddress": labels.get(LABEL_MAC, ""),
+        }
+        settings = dict(info.get("NetworkSettings") or {})
+        settings.update(details)
+        networks = dict(settings.get("Networks") or {})
+        networks[labels.get(LABEL_NETWORK, "powerplane")] = {
+            **details, "NetworkID": f"powerplane/{labels.get(LABEL_NETWORK, '')}",
+            "EndpointID": labels.get(LABEL_SANDBOX, ""),
+        }
+        settings["Networks"] = networks
+        info["NetworkSettings"] = settings
+        return {**response, "Body": _encode_like(response.get("Body"), info)}
