@@ -1,0 +1,114 @@
+"""The network domain model: CIDR parsing, validation messages, derived names and MACs."""
+
+from __future__ import annotations
+
+import pytest
+
+from adapter.errors import InvalidNetwork
+from adapter.netmodel import (
+    AddressRecord,
+    Endpoint,
+    Host,
+    Network,
+    mac_for_ip,
+    name_for_subnet,
+    parse_cidr,
+    validate_name,
+)
+
+
+@pytest.mark.parametrize(
+    ("value", "subnet", "gateway"),
+    [
+        ("10.0.6.1/24", "10.0.6.0/24", "10.0.6.1"),
+        ("10.0.6.0/24", "10.0.6.0/24", "10.0.6.1"),
+        ("10.0.6.77/24", "10.0.6.0/24", "10.0.6.1"),
+        (" 10.6.0.0/16 ", "10.6.0.0/16", "10.6.0.1"),
+        ("10.9.0.8/29", "10.9.0.8/29", "10.9.0.9"),
+    ],
+)
+def test_cidr_parses_like_socketplane(value: str, subnet: str, gateway: str) -> None:
+    """Host bits are ignored: the subnet is derived and the gateway is its first host."""
+    parsed_subnet, parsed_gateway = parse_cidr(value)
+    assert (str(parsed_subnet), str(parsed_gateway)) == (subnet, gateway)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("10.0.6.0", "expected ADDRESS/PREFIX"),
+        ("10.0.6.0/33", "expected an IPv4"),
+        ("banana/24", "expected an IPv4"),
+        ("fd00::/64", "only IPv4"),
+        ("10.0.0.0/30", "use /8 to /29"),
+        ("10.0.0.0/7", "use /8 to /29"),
+    ],
+)
+def test_bad_cidrs_say_what_is_allowed(value: str, message: str) -> None:
+    """Every malformed CIDR is an InvalidNetwork naming the value and the rule."""
+    with pytest.raises(InvalidNetwork, match=message) as caught:
+        parse_cidr(value)
+    assert repr(value) in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["foo4", "a", "Web_1.prod-2", "0net"])
+def test_docker_like_names_are_accepted(name: str) -> None:
+    """Names follow Docker's [a-zA-Z0-9][a-zA-Z0-9_.-]* rule."""
+    assert validate_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "-x", ".x", "a b", "a/b", "é", "x" * 65])
+def test_bad_names_are_rejected(name: str) -> None:
+    """Empty, leading punctuation, spaces, slashes, non-ASCII and overlong names fail."""
+    with pytest.raises(InvalidNetwork, match="invalid network name"):
+        validate_name(name)
+
+
+def test_derived_name_and_mac() -> None:
+    """SOCKETPLANE_CIDR networks are named from the subnet; MACs are 02:42 plus the IPv4."""
+    subnet, _ = parse_cidr("10.0.6.1/24")
+    assert name_for_subnet(subnet) == "net-10.0.6.0-24"
+    assert mac_for_ip("10.0.6.2") == "02:42:0a:00:06:02"
+    assert mac_for_ip("192.168.255.254") == "02:42:c0:a8:ff:fe"
+
+
+def test_network_build_validates_and_round_trips() -> None:
+    """build() normalises the CIDR, checks gateway/VNI/MTU; JSON round-trips exactly."""
+    network = Network.build("foo", "10.6.3.4/16", vni=300, mtu=1450, created=1.5)
+    assert (network.cidr, network.gateway, network.size, network.capacity) == (
+        "10.6.0.0/16", "10.6.0.1", 65534, 65533)
+    assert Network.from_json(network.to_json()) == network
+    assert network.to_json() == {"name": "foo", "cidr": "10.6.0.0/16", "gateway": "10.6.0.1",
+                                 "vni": 300, "mtu": 1450, "created": 1.5}
+    assert Network.build("g", "10.1.0.0/24", gateway="10.1.0.254", vni=1).gateway == "10.1.0.254"
+    for kwargs, message in [
+        ({"gateway": "10.2.0.0"}, "host address inside"),
+        ({"gateway": "10.3.0.1"}, "host address inside"),
+        ({"vni": 0}, "invalid VNI 0"),
+        ({"vni": 1 << 24}, "invalid VNI"),
+        ({"mtu": 100}, "invalid MTU 100"),
+    ]:
+        with pytest.raises(InvalidNetwork, match=message):
+            Network.build("bad", "10.2.0.0/24", **{"vni": 5, **kwargs})  # type: ignore[arg-type]
+
+
+def test_assignable_skips_network_broadcast_and_gateway() -> None:
+    """A /29 offers exactly five container addresses, in order from any start, wrapping."""
+    network = Network.build("small", "10.9.0.0/29", vni=9)
+    assert list(network.assignable()) == [f"10.9.0.{i}" for i in range(2, 7)]
+    assert list(network.assignable(start=4)) == ["10.9.0.5", "10.9.0.6", "10.9.0.2",
+                                                 "10.9.0.3", "10.9.0.4"]
+    assert not network.is_assignable("10.9.0.1")
+    assert not network.is_assignable("10.9.0.7")
+    assert not network.is_assignable("10.9.0.8")
+    assert network.is_assignable("10.9.0.6")
+
+
+def test_records_round_trip_through_json() -> None:
+    """Endpoint, Host and AddressRecord keep every field through their JSON form."""
+    endpoint = Endpoint("c1", "foo", "10.6.0.2", "02:42:0a:06:00:02", "h1", "ovsc1", "s1")
+    assert Endpoint.from_json("c1", endpoint.to_json()) == endpoint
+    host = Host("h1", "192.168.50.11", "box", "0.1.0")
+    assert Host.from_json("h1", host.to_json()) == host
+    record = AddressRecord("10.6.0.2", "c1", "h1", "02:42:0a:06:00:02", 2.0)
+    assert AddressRecord.from_json("10.6.0.2", record.to_json()) == record
