@@ -1,0 +1,76 @@
+# Shell helpers shared by deploy/demo.sh, deploy/demo-down.sh and deploy/host-setup.sh.
+# Sourced, not run: the caller sets `set -euo pipefail`.
+# shellcheck shell=bash
+
+say() { printf '==> %s\n' "$*"; }
+note() { printf '    %s\n' "$*"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# alive PIDFILE: the process named in PIDFILE runs. A zombie counts as dead (init may take a
+# few seconds to reap it), so /proc/PID/stat is read rather than trusting `kill -0`.
+alive() {
+  local pid state
+  [ -s "$1" ] || return 1
+  pid=$(tr -d '[:space:]' < "$1")
+  [ -r "/proc/$pid/stat" ] || return 1
+  state=$(sed 's/.*) //' "/proc/$pid/stat" | cut -d' ' -f1)
+  [ "$state" != Z ] && [ "$state" != X ]
+}
+
+# stop_pidfile PIDFILE NAME: SIGTERM the process in PIDFILE, SIGKILL after 15 s; remove PIDFILE.
+stop_pidfile() {
+  local pidfile=$1 name=$2 pid i
+  if alive "$pidfile"; then
+    pid=$(tr -d '[:space:]' < "$pidfile")
+    note "stopping $name (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 150); do
+      alive "$pidfile" || break
+      if [ "$i" = 150 ]; then kill -KILL "$pid" 2>/dev/null || true; fi
+      sleep 0.1
+    done
+  fi
+  rm -f "$pidfile"
+}
+
+# wait_until SECONDS DESCRIPTION COMMAND...: retry COMMAND every 0.2 s until it succeeds.
+wait_until() {
+  local seconds=$1 what=$2 tries
+  shift 2
+  tries=$((seconds * 5))
+  until "$@" >/dev/null 2>&1; do
+    tries=$((tries - 1))
+    [ "$tries" -gt 0 ] || die "timed out after ${seconds}s waiting for $what"
+    sleep 0.2
+  done
+}
+
+# docker_ping SOCKET: a Docker API (dockerd or the Powerplane proxy) answers on SOCKET.
+docker_ping() {
+  [ -S "$1" ] && [ "$(curl -sf --max-time 2 --unix-socket "$1" http://docker/_ping)" = OK ]
+}
+
+# consul_ready [HOST:PORT]: Consul answers and has elected a leader.
+consul_ready() {
+  local leader
+  leader=$(curl -sf --max-time 2 "http://${1:-127.0.0.1:8500}/v1/status/leader") || return 1
+  [ -n "$leader" ] && [ "$leader" != '""' ]
+}
+
+# import_busybox DOCKER_URL TAG: make TAG from Debian's busybox-static, with no image registry:
+# /bin/busybox plus one symlink per applet, packed and `docker import`ed.
+import_busybox() {
+  local url=$1 tag=$2 rootfs
+  rootfs=$(mktemp -d)
+  mkdir -p "$rootfs"/{bin,etc,tmp,proc,sys,dev,root,var}
+  chmod 1777 "$rootfs/tmp"
+  cp /bin/busybox "$rootfs/bin/busybox"
+  local applet
+  for applet in $("$rootfs/bin/busybox" --list); do
+    [ "$applet" = busybox ] || ln -sf busybox "$rootfs/bin/$applet"
+  done
+  printf 'root:x:0:0:root:/root:/bin/sh\n' > "$rootfs/etc/passwd"
+  printf 'root:x:0:\n' > "$rootfs/etc/group"
+  tar -C "$rootfs" -c . | docker -H "$url" import --change 'CMD ["sh"]' - "$tag" >/dev/null
+  rm -rf "$rootfs"
+}
