@@ -8,7 +8,8 @@ address sits on an OVS bridge of the same datapath. With ``--datapath netdev`` a
 2. the underlay interface becomes a port of ``br-phy`` of type ``afxdp-nonpmd`` (XDP in
    best-effort mode): OVS takes every frame before the kernel stack sees it, so the kernel no
    longer answers on that interface itself (it would send duplicate replies);
-3. the underlay address (and the gateway routes through that interface) move to ``br-phy``.
+3. the underlay address (and the gateway routes through that interface) move to ``br-phy``;
+4. tx checksum offload is turned off on ``br-phy`` (a tap read by userspace OVS).
 
 Every step checks first, so re-running after a crash or a restart changes nothing.
 """
@@ -64,4 +65,7 @@ async def ensure_netdev_underlay(ovs: Ovs, settings: Settings) -> int:
     if holder != PHYSICAL_BRIDGE:
         await links.move_address(f"{ip}/{prefixlen}", interface, PHYSICAL_BRIDGE)
     await links.set_mtu(PHYSICAL_BRIDGE, mtu)
+    # br-phy is a tap read by userspace OVS: with offload on, the host's own TCP over the
+    # underlay (Consul!) leaves with unfinished checksums and is dropped by the peer.
+    await links.set_tx_checksum(PHYSICAL_BRIDGE, False)
     return mtu

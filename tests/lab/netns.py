@@ -137,6 +137,7 @@ class Underlay:
             for i in range(1, n_hosts + 1)
         ]
         self._inodes: set[int] = set()
+        self.extra: list[LabHost] = []
         self._created: list[LabHost] = []
         self._closed = False
         try:
@@ -147,13 +148,20 @@ class Underlay:
 
     @property
     def namespaces(self) -> list[LabHost]:
-        return [self.underlay, *self.hosts]
+        return [self.underlay, *self.hosts, *self.extra]
 
     def _add_netns(self, host: LabHost) -> None:
         _ip("netns", "add", host.name)
         self._created.append(host)
         self._inodes.add(_netns_inode(host.name))
         _ip("-n", host.name, "link", "set", "lo", "up")
+
+    def add_namespace(self, suffix: str) -> LabHost:
+        """An extra empty namespace (e.g. a container's), removed and checked by ``close()``."""
+        host = LabHost(f"{self.prefix}-{suffix}", "", -1)
+        self._add_netns(host)
+        self.extra.append(host)
+        return host
 
     def _build(self) -> None:
         ul = self.underlay.name
@@ -168,6 +176,9 @@ class Underlay:
             _ip("-n", ul, "link", "add", port, "type", "veth", "peer", "name", "eth0",
                 "netns", host.name)
             _ip("-n", ul, "link", "set", port, "master", BRIDGE, "up")
+            # A veth hands TCP on with checksums left to "hardware"; a userspace OVS reading the
+            # host end never fills them in. Real NICs do: make the lab's wires behave like them.
+            self.underlay.run(["ethtool", "-K", port, "tx", "off"])
             _ip("-n", host.name, "addr", "add", f"{host.ip}/24", "dev", "eth0")
             _ip("-n", host.name, "link", "set", "eth0", "up")
 

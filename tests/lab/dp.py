@@ -1,0 +1,60 @@
+"""Drive one lab host's data plane from inside its namespace: ``python -m tests.lab.dp OPS``.
+
+OPS is a JSON list of operations run in order; the output is a JSON list of their results.
+Operations: plug, unplug, plugged, tunnels, set_tunnels, create_network (Consul).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import sys
+from typing import Any
+
+from adapter.dataplane import DataPlane
+from adapter.netmodel import Host, Network
+from adapter.settings import CONSUL_OPTIONS, SERVE_OPTIONS, load_settings
+from adapter.state import State
+
+
+async def run(ops: list[dict[str, Any]]) -> list[Any]:
+    settings = load_settings(argparse.Namespace(), os.environ, (*SERVE_OPTIONS, *CONSUL_OPTIONS))
+    dataplane = DataPlane(settings)
+    state = State(settings)
+    results: list[Any] = []
+    try:
+        await dataplane.start()
+        for op in ops:
+            kind = op["op"]
+            if kind == "plug":
+                port = await dataplane.plug(container_id=op["container_id"], netns=op["netns"],
+                                            network=Network.from_json(op["network"]), ip=op["ip"])
+                results.append(dataclasses.asdict(port))
+            elif kind == "unplug":
+                await dataplane.unplug(op["container_id"])
+                results.append(None)
+            elif kind == "plugged":
+                results.append([dataclasses.asdict(p) for p in await dataplane.plugged()])
+            elif kind == "tunnels":
+                results.append([dataclasses.asdict(t) for t in await dataplane.tunnels()])
+            elif kind == "set_tunnels":
+                change = await dataplane.set_tunnels(
+                    [Host.from_json(h["host_id"], h) for h in op["hosts"]],
+                    [Network.from_json(n) for n in op["networks"]])
+                results.append(dataclasses.asdict(change))
+            elif kind == "create_network":
+                network = await state.create_network(op["name"], op["cidr"], vni=op.get("vni"))
+                results.append(network.to_json())
+            else:
+                raise ValueError(f"unknown operation {kind!r}")
+    finally:
+        await dataplane.close()
+        await state.close()
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(asyncio.run(run(json.loads(sys.argv[1])))))
