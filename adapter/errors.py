@@ -8,6 +8,7 @@ once, inside the wrapper module that owns that library; nothing else sees them.
     ├── UpstreamError               dockerd unreachable or misbehaving                      502
     ├── HookError                   an adapter failed, timed out or answered nonsense        502
     ├── BadRequest                  the client's request cannot be handled                   400
+    │   └── RequestTooLarge         a body that must be buffered exceeds the cap             413
     ├── StateError                  network state in Consul
     │   ├── ConsulUnavailable       Consul does not answer                                   503
     │   ├── ConsulAccessDenied      ACL token missing or lacking rights                      403
@@ -54,6 +55,12 @@ class BadRequest(PowerplaneError):
     """The client's request is malformed or too large to handle."""
 
     status = 400
+
+
+class RequestTooLarge(BadRequest):
+    """A body the proxy must buffer (hooked JSON) is larger than it accepts."""
+
+    status = 413
 
 
 class StateError(PowerplaneError):

@@ -1,0 +1,247 @@
+"""Powerstrip protocol v1: which hooks a request matches, and running them in order.
+
+A hook is either built in (an ``adapter.hooks.BuiltinHook`` from the host runtime) or an external
+Powerstrip adapter reached over HTTP; both get and return the same JSON. Names from adapters.yml
+resolve to a built-in hook first, then to the ``adapters:`` URL. Pre-hooks run in order, each on
+the previous one's ``ModifiedClientRequest``; post-hooks likewise on ``ModifiedServerResponse``.
+
+Any failure stops the request with a ``PowerplaneError``: a built-in hook's own error passes
+through unchanged (its status and message reach the client); an external adapter that cannot be
+reached, answers non-2xx, times out or answers something that is not a valid Powerstrip reply
+becomes a ``HookError`` (502) naming the adapter and quoting what it said.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any
+
+import aiohttp
+
+from adapter.adapters_config import AdaptersConfig
+from adapter.errors import ConfigError, HookError, PowerplaneError
+from adapter.hooks import BuiltinHook, PowerstripMessage
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+ADAPTER_TIMEOUT = aiohttp.ClientTimeout(total=60)
+# How much of an adapter's error answer is quoted to the client.
+QUOTE_LIMIT = 500
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRequest:
+    """The request as hooks see it: method, path with query, and the body text (None: empty)."""
+
+    method: str
+    request: str
+    body: str | None
+
+    def to_message(self) -> dict[str, Any]:
+        return {"Method": self.method, "Request": self.request, "Body": self.body}
+
+
+@dataclass(frozen=True, slots=True)
+class ServerResponse:
+    """Docker's answer as hooks see it."""
+
+    content_type: str
+    body: str | None
+    code: int
+
+    def to_message(self) -> dict[str, Any]:
+        return {"ContentType": self.content_type, "Body": self.body, "Code": self.code}
+
+
+@dataclass(frozen=True, slots=True)
+class Hook:
+    """One resolved adapter name: built in (``builtin``) or external (``url``)."""
+
+    name: str
+    builtin: BuiltinHook | None = None
+    url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MatchedHooks:
+    """The pre- and post-hooks one request must pass through."""
+
+    pre: tuple[Hook, ...]
+    post: tuple[Hook, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    method: str
+    path_pattern: str
+    hooks: MatchedHooks
+
+
+class HookChain:
+    """The resolved hook table; ``match`` picks hooks, ``run_pre``/``run_post`` run them."""
+
+    def __init__(self, routes: tuple[_Route, ...], session: aiohttp.ClientSession | None) -> None:
+        self._routes = routes
+        self._session = session
+
+    @classmethod
+    def build(
+        cls,
+        config: AdaptersConfig,
+        builtin_hooks: Mapping[str, BuiltinHook],
+        session: aiohttp.ClientSession | None,
+        *,
+        skip_unknown: bool = False,
+    ) -> HookChain:
+        """Resolve every name in ``config``; an unknown name is a ConfigError naming the file.
+
+        ``skip_unknown`` drops unknown names instead: the built-in default config names hooks
+        that may not be registered yet.
+        """
+
+        def resolve(name: str) -> Hook | None:
+            if name in builtin_hooks:
+                return Hook(name, builtin=builtin_hooks[name])
+            if name in config.adapters:
+                return Hook(name, url=config.adapters[name])
+            if skip_unknown:
+                return None
+            raise ConfigError(
+                f"{config.source}: unknown adapter {name!r}: not a built-in hook "
+                f"({', '.join(sorted(builtin_hooks)) or 'none registered'}) and not listed "
+                "under 'adapters:'"
+            )
+
+        routes = []
+        for endpoint in config.endpoints:
+            pre = tuple(hook for name in endpoint.pre if (hook := resolve(name)))
+            post = tuple(hook for name in endpoint.post if (hook := resolve(name)))
+            if pre or post:
+                routes.append(_Route(endpoint.method, endpoint.path_pattern,
+                                     MatchedHooks(pre, post)))
+        return cls(tuple(routes), session)
+
+    @property
+    def empty(self) -> bool:
+        return not self._routes
+
+    def match(self, method: str, path: str) -> MatchedHooks | None:
+        """Hooks for ``method path`` (path without query), or None when nothing matches.
+
+        Every matching endpoint contributes, in file order. A path without an API version
+        prefix also matches patterns written for one (``/*/containers/create``).
+        """
+        candidates = (path,) if _has_version_prefix(path) else (path, f"/-{path}")
+        pre: list[Hook] = []
+        post: list[Hook] = []
+        for route in self._routes:
+            if route.method not in ("*", method):
+                continue
+            if any(fnmatchcase(candidate, route.path_pattern) for candidate in candidates):
+                pre.extend(route.hooks.pre)
+                post.extend(route.hooks.post)
+        if not pre and not post:
+            return None
+        return MatchedHooks(tuple(pre), tuple(post))
+
+    async def run_pre(self, hooks: tuple[Hook, ...], request: ClientRequest) -> ClientRequest:
+        """Run pre-hooks in order; return the request as the last one modified it."""
+        for hook in hooks:
+            message = {
+                "PowerstripProtocolVersion": PROTOCOL_VERSION,
+                "Type": "pre-hook",
+                "ClientRequest": request.to_message(),
+            }
+            reply = await self._call(hook, message)
+            request = _modified_request(hook, reply)
+        return request
+
+    async def run_post(
+        self, hooks: tuple[Hook, ...], request: ClientRequest, response: ServerResponse
+    ) -> ServerResponse:
+        """Run post-hooks in order on Docker's response to ``request`` (as sent to Docker)."""
+        for hook in hooks:
+            message = {
+                "PowerstripProtocolVersion": PROTOCOL_VERSION,
+                "Type": "post-hook",
+                "ClientRequest": request.to_message(),
+                "ServerResponse": response.to_message(),
+            }
+            reply = await self._call(hook, message)
+            response = _modified_response(hook, reply)
+        return response
+
+    async def _call(self, hook: Hook, message: PowerstripMessage) -> PowerstripMessage:
+        try:
+            if hook.builtin is not None:
+                return await hook.builtin(message)
+            return await self._call_external(hook, message)
+        except PowerplaneError as exc:
+            log.warning("%s hook %s failed: %s", message["Type"], hook.name, exc.message)
+            raise
+
+    async def _call_external(self, hook: Hook, message: PowerstripMessage) -> PowerstripMessage:
+        assert hook.url is not None and self._session is not None
+        try:
+            async with self._session.post(hook.url, json=message, timeout=ADAPTER_TIMEOUT) as reply:
+                text = await reply.text(errors="replace")
+                if not 200 <= reply.status < 300:
+                    raise HookError(
+                        f"adapter {hook.name!r} ({hook.url}) answered {reply.status}: "
+                        f"{_quote(text)}"
+                    )
+        except aiohttp.ClientError as exc:
+            raise HookError(f"adapter {hook.name!r} ({hook.url}) unreachable: {exc}") from None
+        except TimeoutError:
+            raise HookError(f"adapter {hook.name!r} ({hook.url}) timed out") from None
+        try:
+            decoded = json.loads(text)
+        except ValueError:
+            raise HookError(
+                f"adapter {hook.name!r} ({hook.url}) answered invalid JSON: {_quote(text)}"
+            ) from None
+        if not isinstance(decoded, dict):
+            raise HookError(f"adapter {hook.name!r} ({hook.url}) answered a non-object")
+        return decoded
+
+
+def _has_version_prefix(path: str) -> bool:
+    first = path.split("/", 2)[1] if path.count("/") >= 2 else ""
+    return first.startswith("v") and first[1:].replace(".", "").isdigit()
+
+
+def _quote(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= QUOTE_LIMIT else text[:QUOTE_LIMIT] + "..."
+
+
+def _modified_request(hook: Hook, reply: PowerstripMessage) -> ClientRequest:
+    modified = reply.get("ModifiedClientRequest")
+    if not isinstance(modified, dict):
+        raise HookError(f"adapter {hook.name!r} answered without ModifiedClientRequest")
+    method, request, body = modified.get("Method"), modified.get("Request"), modified.get("Body")
+    if not isinstance(method, str) or not isinstance(request, str) or not request.startswith("/"):
+        raise HookError(f"adapter {hook.name!r}: ModifiedClientRequest needs Method and Request")
+    if body is not None and not isinstance(body, str):
+        # Some adapters return the decoded JSON body; re-encode rather than refuse.
+        body = json.dumps(body)
+    return ClientRequest(method.upper(), request, body)
+
+
+def _modified_response(hook: Hook, reply: PowerstripMessage) -> ServerResponse:
+    modified = reply.get("ModifiedServerResponse")
+    if not isinstance(modified, dict):
+        raise HookError(f"adapter {hook.name!r} answered without ModifiedServerResponse")
+    code, content_type, body = (
+        modified.get("Code"), modified.get("ContentType"), modified.get("Body"),
+    )
+    if not isinstance(code, int) or not 100 <= code <= 599 or not isinstance(content_type, str):
+        raise HookError(f"adapter {hook.name!r}: ModifiedServerResponse needs Code and ContentType")
+    if body is not None and not isinstance(body, str):
+        body = json.dumps(body)
+    return ServerResponse(content_type, body, code)
