@@ -63,6 +63,7 @@ RAW_STREAM_TYPES = (
     "application/vnd.docker.multiplexed-stream",
 )
 DRAIN_AFTER_ERROR = 2.0
+HIJACK_SETTLE = 0.01
 FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding"})
 
 
@@ -217,6 +218,11 @@ class DockerProxy:
                 response.start_line,
                 response.end_to_end_headers(keep_upgrade=response.status == 101),
             ))
+            await client.writer.drain()
+            # Some clients (docker-py's attach_socket) read the head through a buffered reader
+            # and lose any stream bytes that arrive in the same read. dockerd's own gap between
+            # head and stream hides this; the proxy would read both at once, so it leaves one.
+            await asyncio.sleep(HIJACK_SETTLE)
             await _pipe_both_ways(client, upstream)
             raise _Outcome
         keep = (request.keep_alive and response.keep_alive
