@@ -1,0 +1,213 @@
+"""Packaging and deployment files: scripts lint clean, configs parse, units and docs are right."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from adapter.settings import CONSUL_OPTIONS, SERVE_OPTIONS, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT_DIRS = ("deploy", "tests", ".ci", "vagrant")
+ALL_OPTIONS = (*CONSUL_OPTIONS, *SERVE_OPTIONS)
+
+
+def shell_scripts() -> list[Path]:
+    """Every shell script under SCRIPT_DIRS: *.sh files and files with a sh/bash shebang."""
+    found: list[Path] = []
+    for top in SCRIPT_DIRS:
+        for path in sorted((ROOT / top).rglob("*")):
+            if not path.is_file() or "__pycache__" in path.parts:
+                continue
+            if path.suffix == ".sh":
+                found.append(path)
+                continue
+            with path.open("rb") as handle:
+                first = handle.readline(200)
+            if re.match(rb"#!\s*(/usr)?/bin/(env\s+)?(ba)?sh\b", first):
+                found.append(path)
+    return found
+
+
+def require(tool: str) -> str:
+    path = shutil.which(tool)
+    assert path, f"{tool} is not installed (deploy/install.sh --test installs it from Debian)"
+    return path
+
+
+@pytest.mark.parametrize("script", shell_scripts(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_shellcheck(script: Path) -> None:
+    """Each shell script in the repository passes shellcheck, following sourced helpers."""
+    result = subprocess.run([require("shellcheck"), "-x", str(script)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_scripts_are_strict_and_executable() -> None:
+    """Every executable script sets `set -euo pipefail`; the sourced helper library is not run."""
+    for script in shell_scripts():
+        if script.name == "lib.sh":
+            continue
+        assert os.access(script, os.X_OK), f"{script} is not executable"
+        assert "set -euo pipefail" in script.read_text(), f"{script} lacks set -euo pipefail"
+
+
+def vagrant(*args: str, tmp_path: Path, nodes: str | None = None) -> subprocess.CompletedProcess[
+        str]:
+    env = {**os.environ, "VAGRANT_HOME": str(tmp_path / "home"),
+           "VAGRANT_DOTFILE_PATH": str(tmp_path / "dot"), "VAGRANT_CHECKPOINT_DISABLE": "1"}
+    env.pop("SOCKETPLANE_NODES", None)
+    if nodes is not None:
+        env["SOCKETPLANE_NODES"] = nodes
+    return subprocess.run([require("vagrant"), *args], cwd=ROOT / "vagrant", env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_vagrantfile_validates(tmp_path: Path) -> None:
+    """`vagrant validate` accepts the Vagrantfile with 3 (default) and 5 nodes, rejects 0."""
+    default = vagrant("validate", "--ignore-provider", tmp_path=tmp_path)
+    assert default.returncode == 0, default.stdout + default.stderr
+    assert [f"node{i}" for i in (1, 2, 3)] == re.findall(r"==> (node\d+):", default.stdout)
+    five = vagrant("validate", "--ignore-provider", tmp_path=tmp_path, nodes="5")
+    assert five.returncode == 0, five.stdout + five.stderr
+    assert "node5" in five.stdout
+    zero = vagrant("validate", "--ignore-provider", tmp_path=tmp_path, nodes="0")
+    assert zero.returncode != 0
+    assert "SOCKETPLANE_NODES" in zero.stdout + zero.stderr
+
+
+def test_adapters_yml_hooks_network_on_the_contract_endpoints() -> None:
+    """The example adapters.yml wires the built-in `network` hook to exactly the lifecycle calls."""
+    config = yaml.safe_load((ROOT / "deploy" / "adapters.yml").read_text())
+    hooks = {endpoint: {stage: names for stage, names in stages.items()}
+             for endpoint, stages in config["endpoints"].items()}
+    assert hooks == {
+        "POST /*/containers/create": {"pre": ["network"], "post": ["network"]},
+        "POST /*/containers/*/start": {"pre": ["network"], "post": ["network"]},
+        "DELETE /*/containers/*": {"pre": ["network"], "post": ["network"]},
+        "GET /*/containers/*/json": {"post": ["network"]},
+    }
+    assert config["adapters"] == {}
+
+
+def test_compose_file_runs_consul_and_powerplane_on_host_network() -> None:
+    """compose.yml parses; both services use the host network and serve gets both sockets."""
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"consul", "powerplane"}
+    assert all(service["network_mode"] == "host" for service in services.values())
+    mounts = {volume.split(":")[1] for volume in services["powerplane"]["volumes"]}
+    assert {"/var/run/docker.sock", "/var/run/openvswitch", "/run/powerplane"} <= mounts
+
+
+def test_consul_configs_validate_for_each_role(tmp_path: Path) -> None:
+    """host-setup.sh writes Consul configs that `consul validate` accepts, servers first."""
+    consul = require("consul")
+    ips = ["10.9.0.1", "10.9.0.2", "10.9.0.3", "10.9.0.4"]
+    for index in (1, 4):
+        out = tmp_path / f"node{index}"
+        subprocess.run([str(ROOT / "deploy" / "host-setup.sh"), "--index", str(index),
+                        "--nodes", ",".join(ips), "--config-only", str(out)],
+                       check=True, capture_output=True, timeout=60)
+        common = json.loads((out / "10-powerplane.json").read_text())
+        node = json.loads((out / "50-node.json").read_text())
+        assert common["disable_update_check"] is True
+        assert node["bind_addr"] == ips[index - 1]
+        assert node["retry_join"] == ips[:3]
+        assert common["server"] is (index <= 3)
+        if index <= 3:
+            assert node["bootstrap_expect"] == 3
+            assert common["performance"]["raft_multiplier"] == 1
+        checked = subprocess.run([consul, "validate", str(out / "10-powerplane.json"),
+                                  str(out / "50-node.json")], capture_output=True, text=True,
+                                 timeout=60)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_host_setup_rejects_bad_parameters(tmp_path: Path) -> None:
+    """host-setup.sh refuses an index outside the node list, naming the problem."""
+    result = subprocess.run([str(ROOT / "deploy" / "host-setup.sh"), "--index", "4", "--nodes",
+                             "10.9.0.1,10.9.0.2", "--config-only", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "--index must be between 1 and 2" in result.stderr
+
+
+def env_file(path: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, value = line.partition("=")
+            values[name.strip()] = value.strip()
+    return values
+
+
+def test_env_files_name_real_options_with_valid_values(tmp_path: Path) -> None:
+    """The example env file and host-setup's generated one use known variables that load."""
+    known = {option.env for option in ALL_OPTIONS}
+    subprocess.run([str(ROOT / "deploy" / "host-setup.sh"), "--index", "1", "--nodes",
+                    "10.9.0.1", "--config-only", str(tmp_path)], check=True,
+                   capture_output=True, timeout=60)
+    for path in (ROOT / "deploy" / "powerplane.env", tmp_path / "powerplane.env"):
+        environ = env_file(path)
+        assert set(environ) <= known, f"{path}: unknown {set(environ) - known}"
+        settings = load_settings(argparse.Namespace(), environ, ALL_OPTIONS)
+        assert settings.underlay_ip == environ["POWERPLANE_UNDERLAY_IP"]
+        assert len(settings.listen) == len(environ["POWERPLANE_LISTEN"].split(","))
+
+
+@pytest.mark.parametrize("unit", sorted((ROOT / "deploy" / "systemd").glob("*.service")),
+                         ids=lambda p: p.name)
+def test_systemd_unit_verifies(unit: Path) -> None:
+    """systemd-analyze accepts each unit, which includes its ExecStart being a real executable."""
+    result = subprocess.run([require("systemd-analyze"), "verify", str(unit)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    exec_start = re.search(r"^ExecStart=(\S+)", unit.read_text(), re.MULTILINE)
+    assert exec_start and os.access(exec_start.group(1), os.X_OK)
+
+
+def test_powerplane_unit_ordered_after_its_dependencies() -> None:
+    """powerplane.service starts after docker, openvswitch-switch and consul."""
+    text = (ROOT / "deploy" / "systemd" / "powerplane.service").read_text()
+    after = re.search(r"^After=(.*)$", text, re.MULTILINE)
+    assert after
+    assert {"docker.service", "openvswitch-switch.service", "consul.service"} <= set(
+        after.group(1).split())
+
+
+def test_configuration_doc_lists_every_option() -> None:
+    """docs/configuration.md documents every flag and every environment variable."""
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    missing = [name for option in ALL_OPTIONS
+               for name in (option.flag, option.env, *option.env_fallbacks)
+               if f"`{name}" not in doc]
+    assert not missing, f"undocumented: {missing}"
+
+
+def test_docs_links_resolve() -> None:
+    """Relative links in docs/ and vagrant/README.md point at files that exist."""
+    pages = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "vagrant" / "README.md"]
+    assert {"architecture.md", "configuration.md", "troubleshooting.md"} <= {p.name for p in pages}
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target:
+                continue
+            assert (page.parent / target).exists(), f"{page.name}: broken link {target}"
+
+
+def test_dockerfile_base_is_a_pinned_build_argument() -> None:
+    """The Dockerfile's base image is an ARG whose default names an exact Python version."""
+    text = (ROOT / "Dockerfile").read_text()
+    base = re.search(r"^ARG BASE=(\S+)$", text, re.MULTILINE)
+    assert base and re.fullmatch(r"python:3\.11\.\d+-slim-\w+", base.group(1))
+    assert re.search(r"^FROM \$\{BASE\}$", text, re.MULTILINE)
+    assert "--no-index" in text
