@@ -172,7 +172,8 @@ class State:
 
     async def ping(self) -> None:
         """Raise ConsulUnavailable / ConsulAccessDenied unless Consul serves our KV prefix."""
-        await self._call(lambda c: c.kv.get(self._prefix + "networks/", keys=True))
+        # A single-key read: listings are silently filtered by ACLs, single reads are refused.
+        await self._call(lambda c: c.kv.get(self._prefix + "meta/networks-version"))
 
     # -- KV helpers -------------------------------------------------------------------------
 

@@ -70,9 +70,17 @@ class ConsulAgent:
 
     @classmethod
     def start_dev(
-        cls, workdir: Path, *, netns: str | None = None, client_addr: str = "127.0.0.1"
+        cls,
+        workdir: Path,
+        *,
+        netns: str | None = None,
+        client_addr: str = "127.0.0.1",
+        extra_config: dict[str, Any] | None = None,
     ) -> ConsulAgent:
-        """Start ``consul agent -dev`` on free ports; return once its KV store answers."""
+        """Start ``consul agent -dev`` on free ports; return once its KV store answers.
+
+        ``extra_config`` is merged into the agent's JSON config (e.g. an ``acl`` block).
+        """
         name = f"dev-{secrets.token_hex(3)}"
         http_port = free_port()
         config = {
@@ -86,6 +94,7 @@ class ConsulAgent:
                 "serf_lan": free_port(),
                 "serf_wan": free_port(),
             },
+            **(extra_config or {}),
         }
         workdir = Path(workdir)
         args = ["agent", "-dev", "-bind", "127.0.0.1", "-client", client_addr]
@@ -240,7 +249,7 @@ class ConsulAgent:
             try:
                 if not need_leader or self.leader():
                     status, _ = self.http_get("/v1/kv/powerplane-readiness-probe")
-                    if status in (200, 404):
+                    if status in (200, 403, 404):  # 403: ACLs on, KV is up
                         return
             except OSError:
                 pass
