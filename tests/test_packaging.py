@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from adapter.settings import CONSUL_OPTIONS, SERVE_OPTIONS, load_settings
+from tests.support.dockerd import DockerDaemon
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_DIRS = ("deploy", "tests", ".ci", "vagrant")
@@ -211,3 +212,30 @@ def test_dockerfile_base_is_a_pinned_build_argument() -> None:
     assert base and re.fullmatch(r"python:3\.11\.\d+-slim-\w+", base.group(1))
     assert re.search(r"^FROM \$\{BASE\}$", text, re.MULTILINE)
     assert "--no-index" in text
+
+
+def test_demo_helpers_import_busybox_and_stop_by_pidfile(tmp_path: Path) -> None:
+    """deploy/lib.sh makes a working busybox image with no registry and stops only its pidfile."""
+    daemon = DockerDaemon.start(tmp_path / "dockerd")
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / "sleep.pid").write_text(str(sleeper.pid))
+        script = f"""set -euo pipefail
+            . {ROOT / 'deploy' / 'lib.sh'}
+            docker_ping {daemon.socket}
+            import_busybox {daemon.url} demo/busybox:test
+            docker -H {daemon.url} run --rm --network none demo/busybox:test echo hello
+            alive {tmp_path / 'sleep.pid'}
+            stop_pidfile {tmp_path / 'sleep.pid'} sleeper
+            if alive {tmp_path / 'sleep.pid'}; then exit 3; fi
+            if docker_ping {tmp_path / 'nothing.sock'}; then exit 4; fi
+        """
+        result = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "hello" in result.stdout
+        assert sleeper.wait(timeout=10) != 0
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        daemon.stop()
