@@ -489,10 +489,15 @@ class State:
 
         If the process dies, Consul deletes the key once the session expires. We ask Consul for
         half of ``host_ttl`` because it may wait up to twice a session's TTL (minimum 10 s).
+        Consul being down on entry is not an error (``serve`` starts without Consul): the
+        background task keeps trying and registers as soon as Consul answers.
         """
         ttl = max(SESSION_TTL_MIN, math.ceil(self._settings.host_ttl / 2))
-        session = await self._register(host, ttl)
-        holder = [session]
+        holder: list[str | None] = [None]
+        try:
+            holder[0] = await self._register(host, ttl)
+        except StateError as exc:
+            log.warning("host %s: not registered yet, will retry: %s", host.host_id, exc)
         renewer = asyncio.create_task(self._keep_registered(host, ttl, holder),
                                       name=f"powerplane-register-{host.host_id}")
         try:
@@ -501,12 +506,14 @@ class State:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
-            try:
-                await self._call(lambda c: c.kv.delete(
-                    self._prefix + f"hosts/{host.host_id}"))
-                await self._destroy_session(holder[0])
-            except StateError as exc:
-                log.warning("could not deregister host %s: %s", host.host_id, exc)
+            session = holder[0]
+            if session is not None:
+                try:
+                    await self._call(lambda c: c.kv.delete(
+                        self._prefix + f"hosts/{host.host_id}"))
+                    await self._destroy_session(session)
+                except StateError as exc:
+                    log.warning("could not deregister host %s: %s", host.host_id, exc)
 
     async def _register(self, host: Host, ttl: int) -> str:
         key = self._prefix + f"hosts/{host.host_id}"
@@ -533,18 +540,25 @@ class State:
     async def _destroy_session(self, session: str) -> None:
         await self._call(lambda c: c.session.destroy(session))
 
-    async def _keep_registered(self, host: Host, ttl: int, holder: list[str]) -> None:
-        interval = ttl / 3
+    async def _renew(self, session: str) -> Any:
+        return await self._call(lambda c: _renew(c, session))
+
+    async def _keep_registered(self, host: Host, ttl: int, holder: list[str | None]) -> None:
+        retry = min(1.0, ttl / 3)
+        interval = ttl / 3 if holder[0] else retry
         while True:
             await asyncio.sleep(interval)
             try:
-                if await self._call(lambda c: _renew(c, holder[0])) is None:
-                    log.warning("host %s: session expired; registering again", host.host_id)
+                session = holder[0]
+                if session is None or await self._renew(session) is None:
+                    if session is not None:
+                        log.warning("host %s: session expired; registering again",
+                                    host.host_id)
                     holder[0] = await self._register(host, ttl)
                 interval = ttl / 3
             except StateError as exc:
                 log.warning("host %s: cannot renew registration: %s", host.host_id, exc)
-                interval = min(1.0, ttl / 3)
+                interval = retry
 
     # -- watches ----------------------------------------------------------------------------
 

@@ -288,12 +288,31 @@ async def test_watch_rides_out_a_consul_restart(tmp_path: Path) -> None:
         pending = asyncio.ensure_future(anext(watch))
         await asyncio.sleep(1.0)  # the watch is now failing and backing off
         assert not pending.done()
-        agent.start()  # a dev agent comes back empty: recreate state
+        await asyncio.to_thread(agent.start)  # a dev agent comes back empty: recreate state
         writer = State(Settings(consul_addr=agent.http_addr))
         created = await writer.create_network("back", "10.60.0.0/24")
         await writer.close()
         assert await asyncio.wait_for(pending, 15) == [created]
     finally:
         await watch.aclose()
+        await client.close()
+        agent.kill()
+
+
+async def test_registration_waits_for_consul_to_come_up(tmp_path: Path) -> None:
+    """Registering while Consul is down does not fail; the host appears once Consul answers."""
+    agent = ConsulAgent.start_dev(tmp_path)
+    agent.kill()
+    client = State(Settings(consul_addr=agent.http_addr))
+    host = Host("late", "192.168.50.12", "box2", "0.1.0")
+    try:
+        async with client.registered(host):
+            await asyncio.to_thread(agent.start)
+            deadline = time.monotonic() + 10
+            while await client.list_hosts() != [host]:
+                assert time.monotonic() < deadline, "host never registered"
+                await asyncio.sleep(0.2)
+        assert await client.list_hosts() == []
+    finally:
         await client.close()
         agent.kill()
