@@ -55,9 +55,15 @@ class AdaptersConfig:
     source: str = "built-in default"
 
 
-# Used when `serve` gets no --adapters. Names missing from the built-in hooks are skipped, so
-# this may name hooks that a later version registers.
-DEFAULT_ADAPTERS_CONFIG = AdaptersConfig()
+# Used when `serve` gets no --adapters: the built-in overlay `network` hook
+# (adapter/hooks/network.py) on the calls it handles. Names missing from the built-in hooks
+# are skipped. deploy/adapters.yml spells the same in YAML.
+DEFAULT_ADAPTERS_CONFIG = AdaptersConfig(endpoints=(
+    EndpointHooks("POST", "/*/containers/create", pre=("network",), post=("network",)),
+    EndpointHooks("POST", "/*/containers/*/start", pre=("network",)),
+    EndpointHooks("DELETE", "/*/containers/*", pre=("network",), post=("network",)),
+    EndpointHooks("GET", "/*/containers/*/json", post=("network",)),
+))
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

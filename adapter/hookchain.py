@@ -179,11 +179,24 @@ class HookChain:
     async def _call(self, hook: Hook, message: PowerstripMessage) -> PowerstripMessage:
         try:
             if hook.builtin is not None:
-                return await hook.builtin(message)
+                return await self._call_builtin(hook, hook.builtin, message)
             return await self._call_external(hook, message)
         except PowerplaneError as exc:
             log.warning("%s hook %s failed: %s", message["Type"], hook.name, exc.message)
             raise
+
+    @staticmethod
+    async def _call_builtin(hook: Hook, builtin: BuiltinHook,
+                            message: PowerstripMessage) -> PowerstripMessage:
+        try:
+            return await builtin(message)
+        except PowerplaneError:
+            raise
+        except Exception as exc:
+            # A bug, not a user error: keep the traceback, give the client a readable answer
+            # instead of a dropped connection.
+            log.exception("built-in hook %s crashed", hook.name)
+            raise HookError(f"built-in hook {hook.name!r} failed: {exc!r}") from exc
 
     async def _call_external(self, hook: Hook, message: PowerstripMessage) -> PowerstripMessage:
         assert hook.url is not None and self._session is not None

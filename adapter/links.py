@@ -16,17 +16,18 @@ import asyncio
 import ctypes
 import errno
 import fcntl
+import functools
 import ipaddress
 import os
 import socket
 import struct
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from pyroute2 import AsyncIPRoute, NetlinkError
-from pyroute2 import netns as pyroute2_netns
 
 from adapter.errors import DataPlaneError
 
@@ -70,17 +71,49 @@ def _ethtool_tx_checksum(sock: socket.socket, ifname: str, enabled: bool | None)
     return bool(struct.unpack("II", value.raw)[1])
 
 
+CLONE_NEWNET = 0x40000000
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _netns_socket(netns: str | None, family: int, kind: int, proto: int = 0) -> socket.socket:
+    """A socket that lives in ``netns`` (default: ours) for its whole life.
+
+    setns() moves only the calling thread, so a throwaway thread enters the namespace, opens
+    the socket and ends. No fork: a forked child shares asyncio's signal wake-up fd, and a
+    signal the child receives would reach the parent's loop as if sent to the parent (seen:
+    `powerplane serve` stopping as if it had been sent SIGTERM).
+    """
     if netns is None:
         return socket.socket(family, kind, proto)
-    netns = netns_path(netns)
-    if not os.path.exists(netns):
-        raise DataPlaneError(f"network namespace {netns} does not exist")
-    # flags=0: never let pyroute2 create a namespace that is not there.
-    sock: socket.socket = pyroute2_netns.create_socket(
-        netns=netns, family=family, socket_type=kind, proto=proto, flags=0
-    )
-    return sock
+    path = netns_path(netns)
+    if not os.path.exists(path):
+        raise DataPlaneError(f"network namespace {path} does not exist")
+    outcome: list[socket.socket | BaseException] = []
+
+    def enter_and_open() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc().setns(fd, CLONE_NEWNET) != 0:
+                    code = ctypes.get_errno()
+                    raise OSError(code, f"setns({path}): {os.strerror(code)}")
+            finally:
+                os.close(fd)
+            outcome.append(socket.socket(family, kind, proto))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=enter_and_open, name="powerplane-netns")
+    thread.start()
+    thread.join()
+    result = outcome[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 async def set_tx_checksum(ifname: str, enabled: bool, *, netns: str | None = None) -> None:

@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 from adapter.docker_api import Docker
 from adapter.endpoints import EndpointManager
-from adapter.errors import BadRequest
+from adapter.errors import BadRequest, PowerplaneError
 from adapter.hooks import PowerstripMessage
 from adapter.hooks.create_rewrite import (
     LABEL_CIDR,
@@ -40,14 +40,6 @@ from adapter.hooks.create_rewrite import (
 log = logging.getLogger(__name__)
 
 HOOK_NAME = "network"
-
-# The adapters.yml entries that register this hook, in Powerstrip's format.
-ENDPOINTS: dict[str, dict[str, list[str]]] = {
-    "POST /*/containers/create": {"pre": [HOOK_NAME], "post": [HOOK_NAME]},
-    "POST /*/containers/*/start": {"pre": [HOOK_NAME], "post": [HOOK_NAME]},
-    "DELETE /*/containers/*": {"pre": [HOOK_NAME], "post": [HOOK_NAME]},
-    "GET /*/containers/*/json": {"post": [HOOK_NAME]},
-}
 
 _VERSION = r"(?:/v[0-9.]+)?"
 CREATE = re.compile(rf"^{_VERSION}/containers/create$")
@@ -97,7 +89,7 @@ class NetworkHook:
         if method == "POST" and CREATE.match(path):
             await self._post_create(request, response, code)
         elif method == "DELETE" and (match := DELETE.match(path)) and 200 <= code < 300:
-            await self._endpoints.detach_app(match["id"])
+            await self._post_delete(match["id"])
         elif method == "GET" and INSPECT.match(path) and code == 200:
             response = self._post_inspect(response)
         return {"PowerstripProtocolVersion": 1, "ModifiedServerResponse": response}
@@ -146,8 +138,19 @@ class NetworkHook:
         if sandbox_id:
             await self._endpoints.ensure_sandbox_running(sandbox_id)
 
+    async def _post_delete(self, container: str) -> None:
+        try:
+            await self._endpoints.detach_app(container)
+        except PowerplaneError as exc:
+            # Docker has removed the container already; failing the answer would only hide
+            # that. The agent releases the endpoint once Consul and OVS answer again.
+            log.warning("release after removing %s postponed: %s", container[:12], exc)
+
     async def _pre_delete(self, request: dict[str, Any], container: str) -> dict[str, Any]:
-        info = await self._docker.inspect(container)
+        try:
+            info = await self._docker.inspect(container)
+        except PowerplaneError:
+            return request  # Docker itself will answer this delete
         labels = ((info or {}).get("Config") or {}).get("Labels") or {}
         if info is None or LABEL_SANDBOX not in labels or info["Id"] == container:
             return request

@@ -1,0 +1,190 @@
+"""The end-to-end lab: N namespace hosts, each a complete Powerplane host.
+
+Every host has its own dockerd (inside its namespace), its own OVS (userspace datapath), a
+Consul server (the hosts form one cluster) and ``powerplane serve`` in front of its dockerd.
+Tests drive it with the real ``docker`` CLI pointed at a host's proxy socket, exactly as a user
+with ``DOCKER_HOST`` set would. ``close()`` stops everything and asserts nothing is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tests.lab.netns import LabHost, Underlay
+from tests.support.consul import ConsulAgent
+from tests.support.dockerd import DockerDaemon
+from tests.support.images import import_busybox
+from tests.support.ovs import OvsInstance
+
+REPO = Path(__file__).resolve().parents[2]
+POWERPLANE = str(Path(os.environ.get("POWERPLANE_VENV", "/opt/powerplane")) / "bin" / "powerplane")
+DOCKER = shutil.which("docker") or "/usr/local/bin/docker"
+RECONCILE_INTERVAL = 3.0
+
+
+class Host:
+    """One simulated host of the end-to-end lab."""
+
+    def __init__(self, lab: E2ELab, index: int, netns: LabHost, consul: ConsulAgent) -> None:
+        self.lab = lab
+        self.index = index
+        self.netns = netns
+        self.consul = consul
+        self.name = f"h{index + 1}"
+        self.dir = lab.workdir / self.name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.proxy_socket = lab.sockets / f"{self.name}.sock"
+        self.ovs = OvsInstance.start(self.dir / "ovs", netns=netns.name)
+        self.docker = DockerDaemon.start(self.dir / "docker", netns=netns.name,
+                                         cgroup_parent=f"{lab.tag}-{self.name}")
+        import_busybox(self.docker.url)
+        self.serve: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The POWERPLANE_* settings this host's `powerplane serve` runs with."""
+        return {
+            "POWERPLANE_LISTEN": f"unix://{self.proxy_socket}",
+            "POWERPLANE_DOCKER": self.docker.url,
+            "POWERPLANE_CONSUL": self.consul.http_addr,
+            "POWERPLANE_UNDERLAY_IP": self.netns.ip,
+            "POWERPLANE_DATAPATH": "netdev",
+            "POWERPLANE_OVSDB": self.ovs.db_url,
+            "POWERPLANE_HOST_ID": self.name,
+            "POWERPLANE_HOST_TTL": "10",
+            "POWERPLANE_RECONCILE_INTERVAL": str(RECONCILE_INTERVAL),
+            "POWERPLANE_LOG_LEVEL": "info",
+        }
+
+    def start_serve(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("POWERPLANE_", "CONSUL_"))}
+        log = (self.dir / "serve.log").open("ab")
+        try:
+            self.serve = self.netns.popen([POWERPLANE, "serve"], env={**env, **self.env},
+                                          stdout=log, stderr=subprocess.STDOUT)
+        finally:
+            log.close()
+        deadline = time.monotonic() + 30
+        while self.docker_cli("version", check=False).returncode != 0:
+            if self.serve.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: serve did not come up:\n{self.serve_log()}")
+            time.sleep(0.1)
+
+    def kill_serve(self, sig: int = signal.SIGTERM) -> None:
+        if self.serve is not None and self.serve.poll() is None:
+            os.killpg(self.serve.pid, sig)
+            self.serve.wait(20)
+        self.serve = None
+
+    def serve_log(self) -> str:
+        path = self.dir / "serve.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def docker_cli(self, *args: str, check: bool = True, direct: bool = False,
+                   timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run the real docker CLI against this host's proxy (or its dockerd when ``direct``)."""
+        url = self.docker.url if direct else f"unix://{self.proxy_socket}"
+        result = subprocess.run([DOCKER, "-H", url, *args], capture_output=True, text=True,
+                                timeout=timeout, check=False)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{self.name}: docker {' '.join(args)} exited "
+                                 f"{result.returncode}:\n{result.stdout}{result.stderr}\n"
+                                 f"--- serve log (tail) ---\n{self.serve_log()[-3000:]}")
+        return result
+
+    def powerplane(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run the powerplane CLI inside this host, with this host's settings."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("POWERPLANE_", "CONSUL_"))}
+        result = self.netns.run([POWERPLANE, *args], check=False, env={**env, **self.env})
+        if check and result.returncode != 0:
+            raise AssertionError(f"{self.name}: powerplane {' '.join(args)} exited "
+                                 f"{result.returncode}:\n{result.stdout}{result.stderr}")
+        return result
+
+    def ovs_ports(self) -> list[str]:
+        return self.ovs.vsctl("list-ports", "powerplane0").split()
+
+    def sandboxes(self) -> list[str]:
+        out = self.docker_cli("ps", "-aq", "--no-trunc", "--filter",
+                              "label=io.powerplane.role=sandbox", direct=True).stdout
+        return out.split()
+
+    def stop(self) -> None:
+        self.kill_serve()
+        self.docker.stop()
+        self.ovs.stop()
+
+
+class E2ELab:
+    """N complete hosts; a context manager that leaves nothing behind."""
+
+    def __init__(self, n_hosts: int, workdir: Path) -> None:
+        self.workdir = workdir
+        self.sockets = Path(tempfile.mkdtemp(prefix="ppe-", dir="/tmp"))
+        self.underlay = Underlay(n_hosts)
+        self.tag = self.underlay.hosts[0].name.split("-")[0]
+        self.hosts: list[Host] = []
+        self.consul: list[ConsulAgent] = []
+        try:
+            self.consul = ConsulAgent.start_cluster(
+                workdir / "consul", [(h.name, h.ip) for h in self.underlay.hosts])
+            for index, netns in enumerate(self.underlay.hosts):
+                self.hosts.append(Host(self, index, netns, self.consul[index]))
+            for host in self.hosts:
+                host.start_serve()
+            self.wait_for_mesh()
+        except BaseException:
+            self.close(check=False)
+            raise
+
+    def wait_for_mesh(self, timeout: float = 30) -> None:
+        """Until every host sees every other in `powerplane hosts`."""
+        deadline = time.monotonic() + timeout
+        want = {h.name for h in self.hosts}
+        while True:
+            out = self.hosts[0].powerplane("hosts", "--json", check=False).stdout
+            seen = {h["host_id"] for h in json.loads(out or "[]")} if out.strip() else set()
+            if seen >= want:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"hosts registered: {seen}, wanted {want}")
+            time.sleep(0.2)
+
+    def consul_kv(self, prefix: str) -> dict[str, Any]:
+        """Every key under powerplane/<prefix> as Consul holds it (read with curl in the lab)."""
+        agent = self.consul[0]
+        result = self.underlay.hosts[0].run(
+            ["curl", "-s", f"http://{agent.http_addr}/v1/kv/powerplane/{prefix}?recurse=true"],
+            check=False)
+        if not result.stdout.strip():
+            return {}
+        return {item["Key"]: item for item in json.loads(result.stdout)}
+
+    def close(self, check: bool = True) -> None:
+        for host in self.hosts:
+            host.stop()
+        for agent in self.consul:
+            agent.stop()
+        self.underlay.close(check=check)
+        shutil.rmtree(self.sockets, ignore_errors=True)
+
+    def __enter__(self) -> E2ELab:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close(check=exc_info[0] is None)
+
+
+def addresses_of(output: str) -> Sequence[str]:
+    """IPv4 addresses in `ip -4 addr` output."""
+    return [word.split("/")[0] for line in output.splitlines()
+            if (words := line.split()) and words[0] == "inet" for word in words[1:2]]
