@@ -2,19 +2,18 @@
 # Install everything Powerplane's demo and tests need on a fresh Debian 12 host, as root.
 # Idempotent: re-running it installs nothing twice.
 #
-#   deploy/install.sh            system packages, Consul, the local busybox image, powerplane
+#   deploy/install.sh            system packages, Consul and powerplane
 #   deploy/install.sh --test     the same, plus the test and lint tools
 #
 # Environment:
 #   POWERPLANE_VENV   where the Python package is installed (default /opt/powerplane)
-#   POWERPLANE_IMAGE  name of the local busybox image (default busybox:latest)
 set -euo pipefail
 
 want_test=0
 for arg in "$@"; do
   case "$arg" in
     --test) want_test=1 ;;
-    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "install.sh: unknown argument: $arg (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -22,14 +21,15 @@ done
 [ "$(id -u)" = 0 ] || { echo "install.sh: must run as root" >&2; exit 1; }
 here=$(cd "$(dirname "$0")/.." && pwd)
 venv=${POWERPLANE_VENV:-/opt/powerplane}
-image=${POWERPLANE_IMAGE:-busybox:latest}
 export DEBIAN_FRONTEND=noninteractive
 
 say() { printf '==> %s\n' "$*"; }
 
 packages=(docker.io openvswitch-switch busybox-static iproute2 nftables ethtool iputils-ping
           iperf3 curl socat python3-venv python3-pip psmisc procps)
-if [ "$want_test" = 1 ]; then packages+=(shellcheck debootstrap tcpdump); fi
+# The test extra adds: shellcheck, vagrant and systemd-analyze to check deploy/ and vagrant/; debootstrap builds the
+# local base image the container-image test needs (no registry is reachable in CI).
+if [ "$want_test" = 1 ]; then packages+=(shellcheck debootstrap vagrant systemd tcpdump); fi
 
 # Consul is not in bookworm; bullseye's consul is a real server. A low pin keeps every
 # other package on bookworm.
@@ -60,6 +60,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   # Debian's packages start their daemons on install; with no init system here that can fail
   # harmlessly, so a policy-rc.d keeps postinst from trying.
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
+  trap 'rm -f /usr/sbin/policy-rc.d' EXIT
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   rm -f /usr/sbin/policy-rc.d
 fi
@@ -68,7 +69,7 @@ say "python package into $venv"
 if [ ! -x "$venv/bin/python" ]; then python3 -m venv "$venv"; fi
 "$venv/bin/pip" install -q --upgrade pip >/dev/null
 if [ "$want_test" = 1 ]; then
-  "$venv/bin/pip" install -q -e "$here[test]"
+  "$venv/bin/pip" install -q -e "${here}[test]"
 else
   "$venv/bin/pip" install -q -e "$here"
 fi
