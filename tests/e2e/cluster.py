@@ -113,10 +113,12 @@ class Host:
     def ovs_ports(self) -> list[str]:
         return self.ovs.vsctl("list-ports", "powerplane0").split()
 
-    def sandboxes(self) -> list[str]:
-        out = self.docker_cli("ps", "-aq", "--no-trunc", "--filter",
-                              "label=io.powerplane.role=sandbox", direct=True).stdout
-        return out.split()
+    def sandboxes(self, network: str | None = None) -> list[str]:
+        """Sandbox containers on this host's dockerd (of ``network`` only, when given)."""
+        filters = ["--filter", "label=io.powerplane.role=sandbox"]
+        if network is not None:
+            filters += ["--filter", f"label=io.powerplane.network={network}"]
+        return self.docker_cli("ps", "-aq", "--no-trunc", *filters, direct=True).stdout.split()
 
     def stop(self) -> None:
         self.kill_serve()
