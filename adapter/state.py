@@ -214,7 +214,10 @@ class State:
             if response.code == 200:
                 return _TxnResult(True, {})
             if response.code == 409:
-                errors = json.loads(response.body).get("Errors") or []
+                try:
+                    errors = json.loads(response.body).get("Errors") or []
+                except (ValueError, AttributeError):
+                    raise ConsulException(f"409 {response.body}") from None
                 return _TxnResult(
                     False, {int(e.get("OpIndex", -1)): str(e.get("What", "")) for e in errors}
                 )

@@ -27,8 +27,6 @@ pytestmark = pytest.mark.lab
 REPO = Path(__file__).resolve().parent.parent
 WORKER = "tests.support.state_worker"
 PYTHON = sys.executable
-# Enough for three interpreters to import everything on a busy 2-core machine.
-STARTUP = 2.0
 
 
 class Cluster:
@@ -41,12 +39,13 @@ class Cluster:
         return self.lab.hosts
 
     def worker(
-        self, host: LabHost, prefix: str, *args: str, start_at: float = 0.0
+        self, host: LabHost, prefix: str, *args: str, go_file: Path | None = None
     ) -> subprocess.Popen[str]:
         """Start the state worker in ``host``'s namespace, talking to that host's server."""
+        go = ["--go-file", str(go_file)] if go_file else []
         return host.popen(
-            [PYTHON, "-m", WORKER, "--consul", "127.0.0.1:8500", "--prefix", prefix,
-             "--start-at", str(start_at), *args],
+            [PYTHON, "-m", WORKER, "--consul", "127.0.0.1:8500", "--prefix", prefix, *go,
+             *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
         )
 
@@ -58,6 +57,14 @@ class Cluster:
                     return agent
             time.sleep(0.05)
         raise AssertionError("no Consul leader elected")
+
+
+def _go(workers: Sequence[subprocess.Popen[str]], go_file: Path) -> None:
+    """Wait until every worker has started up, then release them all at once."""
+    for worker in workers:
+        assert worker.stdout is not None
+        assert json.loads(worker.stdout.readline()) == {"ready": True}
+    go_file.touch()
 
 
 def _results(processes: Sequence[subprocess.Popen[str]], timeout: float = 90) -> list[dict]:  # type: ignore[type-arg]
@@ -110,33 +117,37 @@ def _check_allocations(
     return ips
 
 
-def test_three_hosts_allocating_at_once_never_share_an_address(cluster: Cluster) -> None:
+def test_three_hosts_allocating_at_once_never_share_an_address(
+    cluster: Cluster, tmp_path: Path
+) -> None:
     """3 hosts x 50 concurrent allocations on one /24 give 150 distinct usable addresses."""
     prefix = _prefix()
     network = _create_network(cluster, prefix, "10.20.0.0/24")
-    start_at = time.time() + STARTUP
+    go_file = tmp_path / "go"
     workers = [
         cluster.worker(host, prefix, "allocate", network["name"], "--count", "50",
-                       "--tag", f"h{host.index}", "--spread", "0.3", start_at=start_at)
+                       "--tag", f"h{host.index}", "--spread", "0.3", go_file=go_file)
         for host in cluster.hosts
     ]
+    _go(workers, go_file)
     _check_allocations(cluster, prefix, network, _results(workers))
 
 
 def test_allocations_stay_unique_while_the_leader_is_killed_and_restarted(
-    cluster: Cluster,
+    cluster: Cluster, tmp_path: Path
 ) -> None:
     """Killing the Consul leader mid-run and restarting it yields no duplicate address."""
     prefix = _prefix()
     network = _create_network(cluster, prefix, "10.21.0.0/24")
-    start_at = time.time() + STARTUP
+    go_file = tmp_path / "go"
     workers = [
         cluster.worker(host, prefix, "allocate", network["name"], "--count", "50",
                        "--tag", f"h{host.index}", "--spread", "3", "--retry-for", "60",
-                       start_at=start_at)
+                       go_file=go_file)
         for host in cluster.hosts
     ]
-    time.sleep(max(0.0, start_at + 1.0 - time.time()))
+    _go(workers, go_file)
+    time.sleep(1.0)
     leader = cluster.leader()
     leader.kill()
     time.sleep(0.5)
@@ -146,15 +157,18 @@ def test_allocations_stay_unique_while_the_leader_is_killed_and_restarted(
     assert any(r["retries"] for r in results), "the outage was not seen: the test proved nothing"
 
 
-def test_hosts_racing_to_create_one_network_end_with_one(cluster: Cluster) -> None:
+def test_hosts_racing_to_create_one_network_end_with_one(
+    cluster: Cluster, tmp_path: Path
+) -> None:
     """Three hosts creating the network for one SOCKETPLANE_CIDR at once all get the same one."""
     prefix = _prefix()
-    start_at = time.time() + STARTUP
+    go_file = tmp_path / "go"
     workers = [
         cluster.worker(host, prefix, "network-for-cidr", f"10.22.0.{host.index}/24",
-                       start_at=start_at)
+                       go_file=go_file)
         for host in cluster.hosts
     ]
+    _go(workers, go_file)
     networks = _results(workers)
     assert networks[0]["name"] == "net-10.22.0.0-24"
     assert networks[0] == networks[1] == networks[2]

@@ -9,7 +9,7 @@ moment. It prints one JSON document on stdout when done. Commands:
         until --retry-for seconds have passed. Prints {"allocated": [[container, ip], ...],
         "retries": n, "failed": [message, ...]}.
     network-for-cidr CIDR     prints the network it got.
---start-at T makes every command wait until wall-clock time T, so that workers race.
+--go-file F makes a command print {"ready": true} and wait until F exists, so workers race.
     addresses NETWORK         prints {ip: container}.
     register HOST_ID IP --ttl S
         registers and prints {"registered": HOST_ID}, then sleeps until killed.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import time
@@ -70,7 +71,6 @@ async def _main(args: argparse.Namespace) -> None:
     settings = Settings(consul_addr=args.consul, consul_prefix=args.prefix,
                         host_ttl=getattr(args, "ttl", 15.0))
     state = State(settings)
-    await asyncio.sleep(max(0.0, args.start_at - time.time()))
     try:
         if args.command == "allocate":
             await _allocate(state, args)
@@ -93,8 +93,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--consul", required=True)
     parser.add_argument("--prefix", required=True)
-    parser.add_argument("--start-at", type=float, default=0.0,
-                        help="wall-clock time to act at, so that several workers race")
+    parser.add_argument("--go-file", default="",
+                        help="print a ready line, then wait until this file exists, so that "
+                             "several workers act at the same moment")
     commands = parser.add_subparsers(dest="command", required=True)
     allocate = commands.add_parser("allocate")
     allocate.add_argument("network")
@@ -110,7 +111,13 @@ def main() -> None:
     register.add_argument("host_id")
     register.add_argument("ip")
     register.add_argument("--ttl", type=float, default=15.0)
-    asyncio.run(_main(parser.parse_args()))
+    args = parser.parse_args()
+    if args.go_file:
+        # Everything is imported by now: what is left to do is what the workers race on.
+        _emit({"ready": True})
+        while not os.path.exists(args.go_file):
+            time.sleep(0.01)
+    asyncio.run(_main(args))
 
 
 if __name__ == "__main__":
