@@ -102,7 +102,14 @@ class NetworkHook:
         if overlay is None:
             return request
         check_compatible(body)
-        network = await self._endpoints.resolve_network(overlay)
+        try:
+            network = await self._endpoints.resolve_network(overlay)
+        except PowerplaneError as exc:
+            if exc.status != 404:
+                raise
+            # The docker CLI takes a 404 from create for "image not found" and would try to
+            # pull it: a missing network must be a 400.
+            raise BadRequest(exc.message) from None
         query = parse_qs(urlsplit(str(request.get("Request", ""))).query)
         names = query.get("name")
         app_name = names[0] if names else None

@@ -169,7 +169,10 @@ def test_bad_input_is_refused_with_nothing_left(lab: E2ELab) -> None:
     before = set(host.docker_cli("ps", "-aq", direct=True).stdout.split())
 
     def refused(*env: str) -> str:
-        result = host.docker_cli("run", "--rm", *env, "busybox", "true", check=False)
+        # --pull=never: a refusal must never turn into a registry pull attempt.
+        result = host.docker_cli("run", "--rm", "--pull=never", *env, "busybox", "true",
+                                 check=False)
+        assert "Unable to find image" not in result.stderr
         assert result.returncode != 0
         return result.stderr
 
