@@ -68,12 +68,15 @@ else
   mkdir -p /var/run/openvswitch /etc/openvswitch /var/log/openvswitch
   [ -f /etc/openvswitch/conf.db ] ||
     ovsdb-tool create /etc/openvswitch/conf.db /usr/share/openvswitch/vswitch.ovsschema
+  # Default pidfiles: ovs-appctl and ovs-vsctl find the daemons' control sockets through them.
+  # Copies in $state are what demo-down.sh stops.
   ovsdb-server /etc/openvswitch/conf.db --remote=punix:/var/run/openvswitch/db.sock \
-    --pidfile="$state/ovsdb-server.pid" --log-file=/var/log/openvswitch/ovsdb-server.log \
-    --detach --no-chdir
+    --pidfile --log-file=/var/log/openvswitch/ovsdb-server.log --detach --no-chdir
+  cp /var/run/openvswitch/ovsdb-server.pid "$state/ovsdb-server.pid"
   ovs-vsctl --no-wait init
-  ovs-vswitchd unix:/var/run/openvswitch/db.sock --pidfile="$state/ovs-vswitchd.pid" \
+  ovs-vswitchd unix:/var/run/openvswitch/db.sock --pidfile \
     --log-file=/var/log/openvswitch/ovs-vswitchd.log --detach --no-chdir
+  cp /var/run/openvswitch/ovs-vswitchd.pid "$state/ovs-vswitchd.pid"
 fi
 if ! ovs-appctl --timeout=3 version >/dev/null 2>&1; then
   die "ovsdb-server runs but ovs-vswitchd does not answer; start it (systemctl start openvswitch-switch)"
@@ -152,7 +155,7 @@ cat <<MSG
 
 Done. Point your Docker client at Powerplane:
 
-    export DOCKER_HOST=$proxy_url        # or tcp://127.0.0.1:2375
+    export DOCKER_HOST=$proxy_url
 
     docker run --rm -e SOCKETPLANE_CIDR=$cidr $image ping -c 1 $ip1
     powerplane network list
