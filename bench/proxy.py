@@ -1,0 +1,273 @@
+"""Docker API proxy overhead: request latency, stream throughput and memory under a big upload.
+
+Run as root from the repository: ``/opt/powerplane/bin/python -m bench.proxy [--requests 500]``.
+One private dockerd, ``powerplane serve`` in front of it and a ``socat`` relay (the baseline of a
+plain byte copier) are started side by side. Three measurements, all in the same run:
+
+- p50/p99 of ``GET /_ping`` and ``GET /containers/json`` over one keep-alive connection per path
+  (direct dockerd socket, proxy, socat); the paths are interleaved in shuffled rounds so a noisy
+  machine hurts all three alike;
+- throughput of ``GET /containers/{id}/export`` of a container holding a 600 MB file (a raw
+  tar stream), direct vs proxy, three times each alternating, median MB/s;
+- the proxy's peak RSS (VmHWM) around a 1 GB build-context upload (``POST /build``, the tar made
+  on the fly: a Dockerfile plus 1 GB of zeros, sent in 1 MiB pieces).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.support.dockerd import DockerDaemon
+from tests.support.images import import_busybox
+from tests.support.serve import ServeProcess
+
+STREAM_BYTES = 600_000_000
+CONTEXT_BYTES = 1 << 30
+CHUNK = 1 << 20
+STREAM_RUNS = 3
+TARGET_P50 = 1.15
+TARGET_STREAM = 0.9
+TARGET_RSS_MB = 100
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP/1.1 over a unix socket; keep-alive as long as the server allows."""
+
+    def __init__(self, path: Path, timeout: float = 300.0) -> None:
+        super().__init__("docker", timeout=timeout)
+        self.unix_path = str(path)
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.unix_path)
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def _call(conn: UnixHTTPConnection, method: str, path: str, body: object = None) -> bytes:
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    conn.request(method, path, body=data, headers=headers)
+    response = conn.getresponse()
+    payload = response.read()
+    if response.status >= 300:
+        raise RuntimeError(f"{method} {path}: {response.status} {payload[:300]!r}")
+    return payload
+
+
+def latency(paths: dict[str, Path], endpoint: str, requests: int) -> dict[str, list[float]]:
+    conns = {name: UnixHTTPConnection(sock) for name, sock in paths.items()}
+    timings: dict[str, list[float]] = {name: [] for name in paths}
+    try:
+        for _ in range(50):  # warm-up: connections opened, caches hot
+            for conn in conns.values():
+                _call(conn, "GET", endpoint)
+        names = list(paths)
+        for _ in range(requests):
+            random.shuffle(names)
+            for name in names:
+                started = time.perf_counter()
+                _call(conns[name], "GET", endpoint)
+                timings[name].append((time.perf_counter() - started) * 1000)
+    finally:
+        for conn in conns.values():
+            conn.close()
+    return timings
+
+
+def read_stream(sock: Path, path: str) -> tuple[int, float]:
+    """Bytes received (head and framing included) and seconds, for one raw GET until close."""
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    total = 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(300)
+        conn.connect(str(sock))
+        started = time.perf_counter()
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n".encode())
+        first = conn.recv_into(view)
+        if not bytes(view[:first]).startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"GET {path}: {bytes(view[:200])!r}")
+        total = first
+        while n := conn.recv_into(view):
+            total += n
+        return total, time.perf_counter() - started
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = size, 0o644, int(time.time())
+    return info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def build_context() -> tuple[int, Iterator[bytes]]:
+    """(length, pieces) of a tar with a Dockerfile and ``CONTEXT_BYTES`` of zeros."""
+    dockerfile = b"FROM busybox\n"
+
+    def padded(size: int) -> int:
+        return -size % 512
+
+    length = (512 + len(dockerfile) + padded(len(dockerfile))
+              + 512 + CONTEXT_BYTES + padded(CONTEXT_BYTES) + 1024)
+
+    def pieces() -> Iterator[bytes]:
+        yield _tar_header("Dockerfile", len(dockerfile))
+        yield dockerfile + b"\0" * padded(len(dockerfile))
+        yield _tar_header("zeros", CONTEXT_BYTES)
+        zeros = bytes(CHUNK)
+        left = CONTEXT_BYTES
+        while left:
+            piece = min(left, CHUNK)
+            yield zeros if piece == CHUNK else zeros[:piece]
+            left -= piece
+        yield b"\0" * (padded(CONTEXT_BYTES) + 1024)
+
+    return length, pieces()
+
+
+def _status_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def upload_peak_rss(sock: Path, pid: int) -> tuple[float, float, float, int, str]:
+    """(VmHWM before MB, VmHWM after MB, upload seconds, HTTP status, last build line)."""
+    before = _status_kb(pid, "VmHWM") / 1024
+    length, body = build_context()
+    conn = UnixHTTPConnection(sock, timeout=600)
+    try:
+        started = time.perf_counter()
+        conn.request("POST", "/build?t=bench-big-context&rm=1&forcerm=1&networkmode=none",
+                     body=body, headers={"Content-Type": "application/x-tar",
+                                         "Content-Length": str(length)})
+        uploaded = time.perf_counter() - started
+        response = conn.getresponse()
+        output = response.read().decode(errors="replace").strip().splitlines()
+    finally:
+        conn.close()
+    after = _status_kb(pid, "VmHWM") / 1024
+    return before, after, uploaded, response.status, (output[-1] if output else "")[:120]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=500)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
+        workdir = Path(tmp)
+        daemon = serve = socat = None
+        relay_dir = Path(tempfile.mkdtemp(prefix="ppsc-", dir="/tmp"))
+        try:
+            daemon = DockerDaemon.start(workdir)
+            import_busybox(daemon.url)
+            serve = ServeProcess.start(workdir, daemon.url)
+            relay = relay_dir / "socat.sock"
+            socat = subprocess.Popen(
+                ["socat", f"UNIX-LISTEN:{relay},fork", f"UNIX-CONNECT:{daemon.socket}"],
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+            deadline = time.monotonic() + 10
+            while not relay.exists():
+                if time.monotonic() > deadline:
+                    raise TimeoutError("socat did not listen")
+                time.sleep(0.05)
+            paths = {"direct": daemon.socket, "proxy": serve.socket, "socat": relay}
+            pid = serve.process.pid
+            rss_start = _status_kb(pid, "VmHWM") / 1024
+
+            print(f"latency: {args.requests} keep-alive requests per path and endpoint, "
+                  "shuffled rounds")
+            print(f"{'endpoint':<17} {'path':<7} {'p50 ms':>8} {'p99 ms':>8} {'p50/direct':>11}")
+            p50_ratios = []
+            for endpoint in ("/_ping", "/containers/json"):
+                timings = latency(paths, endpoint, args.requests)
+                base = statistics.median(timings["direct"])
+                for name in paths:
+                    p50 = statistics.median(timings[name])
+                    print(f"{endpoint:<17} {name:<7} {p50:>8.3f} "
+                          f"{_percentile(timings[name], 0.99):>8.3f} {p50 / base:>10.2f}x")
+                    if name == "proxy":
+                        p50_ratios.append(p50 / base)
+
+            conn = UnixHTTPConnection(daemon.socket)
+            created = json.loads(_call(conn, "POST", "/containers/create", {
+                "Image": "busybox", "NetworkDisabled": True,
+                "Cmd": ["sh", "-c", f"head -c {STREAM_BYTES} /dev/zero > /big"]}))
+            cid = created["Id"]
+            _call(conn, "POST", f"/containers/{cid}/start")
+            status = json.loads(_call(conn, "POST", f"/containers/{cid}/wait"))
+            conn.close()
+            if status.get("StatusCode") != 0:
+                raise RuntimeError(f"stream container failed: {status}")
+            export = f"/containers/{cid}/export"
+            read_stream(daemon.socket, export)  # warm the page cache
+            rates: dict[str, list[float]] = {"direct": [], "proxy": []}
+            size = 0
+            for _ in range(STREAM_RUNS):
+                for name in ("direct", "proxy"):
+                    size, seconds = read_stream(paths[name], export)
+                    rates[name].append(size / seconds / 1e6)
+            rss_stream = _status_kb(pid, "VmHWM") / 1024
+            print(f"\nstream: GET /containers/{{id}}/export, {size / 1e6:.0f} MB, "
+                  f"{STREAM_RUNS} runs each, alternating")
+            print(f"{'path':<7} {'median MB/s':>12} {'runs MB/s':>24}")
+            for name, values in rates.items():
+                runs = ", ".join(f"{v:.0f}" for v in values)
+                print(f"{name:<7} {statistics.median(values):>12.0f} {runs:>24}")
+            stream_ratio = statistics.median(rates["proxy"]) / statistics.median(rates["direct"])
+            print(f"proxy/direct {stream_ratio:.2f}x")
+
+            before, after, seconds, code, last = upload_peak_rss(serve.socket, pid)
+            print(f"\nbuild upload: {CONTEXT_BYTES / 2**20:.0f} MiB context through the proxy "
+                  f"in {seconds:.1f} s ({CONTEXT_BYTES / seconds / 1e6:.0f} MB/s), "
+                  f"HTTP {code}, last line: {last}")
+            print(f"proxy VmHWM: {rss_start:.1f} MB at start, {before:.1f} MB after latency and "
+                  f"stream runs ({rss_stream:.1f}), {after:.1f} MB after the upload")
+
+            def verdict(ok: bool) -> str:
+                return "PASS" if ok else "FAIL"
+
+            worst = max(p50_ratios)
+            print("\ntargets")
+            print(f"  p50 proxy/direct <= {TARGET_P50}x: worst {worst:.2f}x  "
+                  f"{verdict(worst <= TARGET_P50)}")
+            print(f"  stream proxy/direct >= {TARGET_STREAM}x: {stream_ratio:.2f}x  "
+                  f"{verdict(stream_ratio >= TARGET_STREAM)}")
+            print(f"  peak RSS < {TARGET_RSS_MB} MB: {after:.1f} MB  "
+                  f"{verdict(after < TARGET_RSS_MB)}")
+        finally:
+            if socat is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(socat.pid, signal.SIGTERM)
+                socat.wait(timeout=10)
+            if serve is not None:
+                serve.stop()
+            if daemon is not None:
+                daemon.stop()
+            shutil.rmtree(relay_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
