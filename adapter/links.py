@@ -5,9 +5,11 @@ the OVS bridge), the other is created straight inside the container's namespace 
 its MAC, address, MTU and default route. Every verb is idempotent: running it again, or after a
 crash half-way, converges on the same result.
 
-Sockets inside another namespace are created by pyroute2 in a short-lived child process; that and
-the ethtool ioctl run in a worker thread so the event loop never blocks. Library and kernel
-errors are translated here, once, into ``DataPlaneError``.
+Sockets inside another namespace are opened from a short-lived thread that enters it; that and
+the ethtool ioctl run in a worker thread so the event loop never blocks. pyroute2's netlink
+sockets need a stock asyncio loop (uvloop cannot open AF_NETLINK datagram endpoints), so every
+netlink verb runs on one such loop in a thread of its own, started on first use. Library and
+kernel errors are translated here, once, into ``DataPlaneError``.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from pyroute2 import AsyncIPRoute, NetlinkError
 
@@ -41,6 +43,39 @@ ETHTOOL_GTXCSUM = 0x16
 ETHTOOL_STXCSUM = 0x17
 
 NetnsRef = int | str  # a pid, a netns path, or a name under /run/netns
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+_netlink_loop: asyncio.AbstractEventLoop | None = None
+_netlink_loop_lock = threading.Lock()
+
+
+def _loop_for_netlink() -> asyncio.AbstractEventLoop:
+    """The asyncio loop netlink sockets live on: a daemon thread's, started on first use."""
+    global _netlink_loop
+    with _netlink_loop_lock:
+        if _netlink_loop is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="powerplane-netlink",
+                             daemon=True).start()
+            _netlink_loop = loop
+        return _netlink_loop
+
+
+def _on_netlink_loop(
+    verb: Callable[_P, Coroutine[Any, Any, _T]],
+) -> Callable[_P, Coroutine[Any, Any, _T]]:
+    """Run a netlink verb on the netlink loop, awaited from whatever loop calls it."""
+
+    @functools.wraps(verb)
+    async def hop(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        loop = _loop_for_netlink()
+        if asyncio.get_running_loop() is loop:
+            return await verb(*args, **kwargs)
+        return await asyncio.wrap_future(
+            asyncio.run_coroutine_threadsafe(verb(*args, **kwargs), loop))
+
+    return hop
 
 
 def netns_path(netns: NetnsRef) -> str:
@@ -193,11 +228,13 @@ async def _link_info(ipr: Any, ifname: str) -> dict[str, Any] | None:
     }
 
 
+@_on_netlink_loop
 async def link_exists(ifname: str, *, netns: str | None = None) -> bool:
     async with _iproute(netns) as ipr:
         return await _index(ipr, ifname) is not None
 
 
+@_on_netlink_loop
 async def link_mtu(ifname: str, *, netns: str | None = None) -> int:
     """The MTU of ``ifname``; DataPlaneError if there is no such interface."""
     async with _iproute(netns) as ipr:
@@ -207,6 +244,7 @@ async def link_mtu(ifname: str, *, netns: str | None = None) -> int:
     return int(info["mtu"])
 
 
+@_on_netlink_loop
 async def link_mac(ifname: str, *, netns: str | None = None) -> str:
     async with _iproute(netns) as ipr:
         info = await _link_info(ipr, ifname)
@@ -215,6 +253,7 @@ async def link_mac(ifname: str, *, netns: str | None = None) -> str:
     return str(info["mac"])
 
 
+@_on_netlink_loop
 async def interface_with_address(ip: str, *, netns: str | None = None) -> tuple[str, int] | None:
     """(interface name, prefix length) of the interface holding address ``ip``, or None."""
     async with _iproute(netns) as ipr:
@@ -226,6 +265,7 @@ async def interface_with_address(ip: str, *, netns: str | None = None) -> tuple[
     return None
 
 
+@_on_netlink_loop
 async def delete_link(ifname: str, *, netns: str | None = None) -> None:
     """Remove ``ifname`` (for a veth, both ends go); nothing if it is gone."""
     async with _iproute(netns) as ipr:
@@ -239,6 +279,7 @@ async def delete_link(ifname: str, *, netns: str | None = None) -> None:
                 raise
 
 
+@_on_netlink_loop
 async def ensure_veth(
     host_ifname: str,
     container_netns: NetnsRef,
@@ -319,6 +360,7 @@ async def _configure_container_end(ipr: Any, container: ContainerLink) -> None:
         await ipr.route("replace", dst="0.0.0.0/0", gateway=container.gateway, oif=index)
 
 
+@_on_netlink_loop
 async def move_address(ip_cidr: str, source: str, target: str) -> None:
     """Move address ``ip_cidr`` and the routes through ``source`` onto ``target`` (idempotent).
 
@@ -358,6 +400,7 @@ async def move_address(ip_cidr: str, source: str, target: str) -> None:
             await ipr.route("replace", oif=target_index, **route)
 
 
+@_on_netlink_loop
 async def set_mtu(ifname: str, mtu: int, *, netns: str | None = None) -> None:
     """Set the MTU of ``ifname`` (and bring it up)."""
     async with _iproute(netns) as ipr:
