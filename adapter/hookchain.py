@@ -32,6 +32,7 @@ PROTOCOL_VERSION = 1
 ADAPTER_TIMEOUT = aiohttp.ClientTimeout(total=60)
 # How much of an adapter's error answer is quoted to the client.
 QUOTE_LIMIT = 500
+MATCH_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +89,7 @@ class HookChain:
     def __init__(self, routes: tuple[_Route, ...], session: aiohttp.ClientSession | None) -> None:
         self._routes = routes
         self._session = session
+        self._matches: dict[tuple[str, str], MatchedHooks | None] = {}
 
     @classmethod
     def build(
@@ -134,8 +136,21 @@ class HookChain:
         """Hooks for ``method path`` (path without query), or None when nothing matches.
 
         Every matching endpoint contributes, in file order. A path without an API version
-        prefix also matches patterns written for one (``/*/containers/create``).
+        prefix also matches patterns written for one (``/*/containers/create``). Answers are
+        remembered (a bounded number): this runs before every request is relayed.
         """
+        key = (method, path)
+        try:
+            return self._matches[key]
+        except KeyError:
+            pass
+        if len(self._matches) >= MATCH_CACHE_SIZE:
+            self._matches.clear()
+        found = self._match(method, path)
+        self._matches[key] = found
+        return found
+
+    def _match(self, method: str, path: str) -> MatchedHooks | None:
         candidates = (path,) if _has_version_prefix(path) else (path, f"/-{path}")
         pre: list[Hook] = []
         post: list[Hook] = []

@@ -15,7 +15,7 @@ import ipaddress
 import os
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,9 +23,8 @@ from urllib.parse import urlsplit
 from adapter.errors import ConfigError
 from adapter.settings import Settings
 
-ClientHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+ProtocolFactory = Callable[[], asyncio.Protocol]
 SOCKET_MODE = 0o660
-STREAM_LIMIT = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,19 +106,19 @@ class Listeners:
         self,
         addresses: list[ListenAddress],
         tls: ssl.SSLContext | None,
-        handler: ClientHandler,
+        accept: ProtocolFactory,
     ) -> None:
         for address in addresses:
             if address.path is not None:
-                self._servers.append(await self._start_unix(address.path, handler))
+                self._servers.append(await self._start_unix(address.path, accept))
             else:
-                self._servers.append(await self._start_tcp(address, tls, handler))
+                self._servers.append(await self._start_tcp(address, tls, accept))
 
-    async def _start_unix(self, path: Path, handler: ClientHandler) -> asyncio.Server:
+    async def _start_unix(self, path: Path, accept: ProtocolFactory) -> asyncio.Server:
         try:
             if await asyncio.to_thread(_prepare_socket_path, path):
                 raise ConfigError(f"--listen unix://{path}: another process listens there")
-            server = await asyncio.start_unix_server(handler, path=str(path), limit=STREAM_LIMIT)
+            server = await asyncio.get_running_loop().create_unix_server(accept, path=str(path))
             os.chmod(path, SOCKET_MODE)
         except OSError as exc:
             raise ConfigError(f"--listen unix://{path}: {exc.strerror or exc}") from None
@@ -127,11 +126,11 @@ class Listeners:
         return server
 
     async def _start_tcp(
-        self, address: ListenAddress, tls: ssl.SSLContext | None, handler: ClientHandler
+        self, address: ListenAddress, tls: ssl.SSLContext | None, accept: ProtocolFactory
     ) -> asyncio.Server:
         try:
-            return await asyncio.start_server(
-                handler, host=address.host, port=address.port, ssl=tls, limit=STREAM_LIMIT)
+            return await asyncio.get_running_loop().create_server(
+                accept, host=address.host, port=address.port, ssl=tls)
         except OSError as exc:
             raise ConfigError(f"--listen {address.url}: {exc.strerror or exc}") from None
 

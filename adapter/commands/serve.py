@@ -49,7 +49,7 @@ async def serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             make_proxy(settings, builtin_hooks=builtin_hooks,
                        adapters_config=adapters_config) as proxy,
         ):
-            await listeners.start(addresses, tls, proxy.handle_client)
+            await listeners.start(addresses, tls, proxy.accept)
             for name in listeners.bound:
                 log.info("listening on %s%s", name,
                          " (TLS, client certificates required)"
