@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import os
 import socket
@@ -22,6 +23,7 @@ from urllib.parse import urlsplit
 
 from adapter.errors import ConfigError
 from adapter.settings import Settings
+from adapter.tls import TlsServerProtocol
 
 ProtocolFactory = Callable[[], asyncio.Protocol]
 SOCKET_MODE = 0o660
@@ -128,9 +130,10 @@ class Listeners:
     async def _start_tcp(
         self, address: ListenAddress, tls: ssl.SSLContext | None, accept: ProtocolFactory
     ) -> asyncio.Server:
+        factory = accept if tls is None else functools.partial(TlsServerProtocol, tls, accept)
         try:
             return await asyncio.get_running_loop().create_server(
-                accept, host=address.host, port=address.port, ssl=tls)
+                factory, host=address.host, port=address.port)
         except OSError as exc:
             raise ConfigError(f"--listen {address.url}: {exc.strerror or exc}") from None
 
