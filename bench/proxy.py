@@ -1,14 +1,15 @@
 """Docker API proxy overhead: request latency, stream throughput and memory under a big upload.
 
 Run as root from the repository: ``/opt/powerplane/bin/python -m bench.proxy [--requests 500]``.
-One private dockerd, ``powerplane serve`` in front of it and a ``socat`` relay (the baseline of a
-plain byte copier) are started side by side. Three measurements, all in the same run:
+One private dockerd, ``powerplane serve`` in front of it, and two plain byte copiers as
+baselines: ``socat`` (C) and ``bench/byte_relay.py`` (the least a Python asyncio relay can do, no
+HTTP). Three measurements, all in the same run:
 
 - p50/p99 of ``GET /_ping`` and ``GET /containers/json`` over one keep-alive connection per path
-  (direct dockerd socket, proxy, socat); the paths are interleaved in shuffled rounds so a noisy
-  machine hurts all three alike;
+  (direct dockerd socket, proxy, socat, byte relay); the paths are interleaved in shuffled rounds
+  so a noisy machine hurts all of them alike;
 - throughput of ``GET /containers/{id}/export`` of a container holding a 600 MB file (a raw
-  tar stream), direct vs proxy, three times each alternating, median MB/s;
+  tar stream), direct, proxy and socat alternating, five times each, median MB/s;
 - the proxy's peak RSS (VmHWM) around a 1 GB build-context upload (``POST /build``, the tar made
   on the fly: a Dockerfile plus 1 GB of zeros, sent in 1 MiB pieces).
 """
@@ -26,6 +27,7 @@ import signal
 import socket
 import statistics
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -39,7 +41,7 @@ from tests.support.serve import ServeProcess
 STREAM_BYTES = 600_000_000
 CONTEXT_BYTES = 1 << 30
 CHUNK = 1 << 20
-STREAM_RUNS = 3
+STREAM_RUNS = 5
 TARGET_P50 = 1.15
 TARGET_STREAM = 0.9
 TARGET_RSS_MB = 100
@@ -177,7 +179,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
         workdir = Path(tmp)
-        daemon = serve = socat = None
+        daemon = serve = socat = byte_relay = None
         relay_dir = Path(tempfile.mkdtemp(prefix="ppsc-", dir="/tmp"))
         try:
             daemon = DockerDaemon.start(workdir)
@@ -188,12 +190,18 @@ def main() -> None:
                 ["socat", f"UNIX-LISTEN:{relay},fork", f"UNIX-CONNECT:{daemon.socket}"],
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )
+            copier = relay_dir / "byte-relay.sock"
+            byte_relay = subprocess.Popen(
+                [sys.executable, "-m", "bench.byte_relay", str(copier), str(daemon.socket)],
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
             deadline = time.monotonic() + 10
-            while not relay.exists():
+            while not (relay.exists() and copier.exists()):
                 if time.monotonic() > deadline:
-                    raise TimeoutError("socat did not listen")
+                    raise TimeoutError("socat or the byte relay did not listen")
                 time.sleep(0.05)
-            paths = {"direct": daemon.socket, "proxy": serve.socket, "socat": relay}
+            paths = {"direct": daemon.socket, "proxy": serve.socket, "socat": relay,
+                     "pyrelay": copier}
             pid = serve.process.pid
             rss_start = _status_kb(pid, "VmHWM") / 1024
 
@@ -223,19 +231,21 @@ def main() -> None:
                 raise RuntimeError(f"stream container failed: {status}")
             export = f"/containers/{cid}/export"
             read_stream(daemon.socket, export)  # warm the page cache
-            rates: dict[str, list[float]] = {"direct": [], "proxy": []}
+            rates: dict[str, list[float]] = {"direct": [], "proxy": [], "socat": []}
             size = 0
             for _ in range(STREAM_RUNS):
-                for name in ("direct", "proxy"):
+                for name in rates:
                     size, seconds = read_stream(paths[name], export)
                     rates[name].append(size / seconds / 1e6)
             rss_stream = _status_kb(pid, "VmHWM") / 1024
             print(f"\nstream: GET /containers/{{id}}/export, {size / 1e6:.0f} MB, "
                   f"{STREAM_RUNS} runs each, alternating")
-            print(f"{'path':<7} {'median MB/s':>12} {'runs MB/s':>24}")
+            print(f"{'path':<7} {'median MB/s':>12} {'/direct':>8} {'runs MB/s':>30}")
+            direct_rate = statistics.median(rates["direct"])
             for name, values in rates.items():
                 runs = ", ".join(f"{v:.0f}" for v in values)
-                print(f"{name:<7} {statistics.median(values):>12.0f} {runs:>24}")
+                median = statistics.median(values)
+                print(f"{name:<7} {median:>12.0f} {median / direct_rate:>7.2f}x {runs:>30}")
             stream_ratio = statistics.median(rates["proxy"]) / statistics.median(rates["direct"])
             print(f"proxy/direct {stream_ratio:.2f}x")
 
@@ -258,10 +268,11 @@ def main() -> None:
             print(f"  peak RSS < {TARGET_RSS_MB} MB: {after:.1f} MB  "
                   f"{verdict(after < TARGET_RSS_MB)}")
         finally:
-            if socat is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(socat.pid, signal.SIGTERM)
-                socat.wait(timeout=10)
+            for copier_process in (socat, byte_relay):
+                if copier_process is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(copier_process.pid, signal.SIGTERM)
+                    copier_process.wait(timeout=10)
             if serve is not None:
                 serve.stop()
             if daemon is not None:
