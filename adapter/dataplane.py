@@ -169,15 +169,16 @@ class DataPlane:
         port = port_name(container_id)
         mac = mac_for_ip(ip)
         mtu = network.mtu or self.overlay_mtu()
+        # The veth is this container's alone; only the bridge's tag choice is shared.
+        await links.ensure_veth(
+            port,
+            netns,
+            links.ContainerLink(CONTAINER_IFNAME, mac, f"{ip}/{network.prefixlen}", mtu,
+                                network.gateway),
+            tx_checksum_off=self.settings.datapath == "netdev",
+        )
         async with self._lock:
             tag = self._tag_for(network.vni, await self._ports())
-            await links.ensure_veth(
-                port,
-                netns,
-                links.ContainerLink(CONTAINER_IFNAME, mac, f"{ip}/{network.prefixlen}", mtu,
-                                    network.gateway),
-                tx_checksum_off=self.settings.datapath == "netdev",
-            )
             external_ids = {
                 KIND: CONTAINER,
                 "powerplane-container": container_id,
@@ -194,7 +195,7 @@ class DataPlane:
         port = port_name(container_id)
         async with self._lock:
             await self.ovs.delete_port(port)
-            await links.delete_link(port)
+        await links.delete_link(port)
 
     async def plugged(self) -> list[PluggedPort]:
         """Every container port the bridge holds."""

@@ -437,6 +437,21 @@ class State:
         if _safe_key(network) and _safe_key(ip):
             await self._delete(f"addresses/{network}/{ip}")
 
+    async def release_address_if_owned(self, network: str, ip: str, owner: str) -> bool:
+        """Free ``ip`` only while ``owner`` holds it: one read, then a delete checked against
+        that read's index, so an address handed to someone else meanwhile stays theirs."""
+        if not (_safe_key(network) and _safe_key(ip)):
+            return False
+        key = f"addresses/{network}/{ip}"
+        found = await self._get(key)
+        if found is None or not isinstance(found[0], dict):
+            return False
+        if AddressRecord.from_json(ip, found[0]).container != owner:
+            return False
+        deleted: bool = await self._call(
+            lambda c: c.kv.delete(self._prefix + key, cas=found[1]))
+        return deleted
+
     async def addresses(self, network: str) -> dict[str, AddressRecord]:
         items = await self._list(f"addresses/{network}/")
         return {

@@ -96,6 +96,20 @@ async def test_slash29_exhausts_and_release_is_idempotent(state: State) -> None:
     assert records["10.9.0.4"].mac == "02:42:0a:09:00:04"
 
 
+async def test_release_if_owned_leaves_a_reassigned_address(state: State) -> None:
+    """A late release by the previous owner must not free the address its new owner holds."""
+    net = await state.create_network("owned", "10.9.1.0/29")
+    ip = await state.allocate_address(net, container="old", host="h1")
+    assert await state.release_address_if_owned("owned", ip, "old")
+    assert not await state.release_address_if_owned("owned", ip, "old")  # already free
+    assert await state.allocate_address(net, container="new", host="h1") != ip  # next-fit
+    again = await state.allocate_address(net, container="new2", host="h1")
+    while again != ip:  # walk round the /29 until the freed address is handed out again
+        again = await state.allocate_address(net, container="new2", host="h1")
+    assert not await state.release_address_if_owned("owned", ip, "old")
+    assert (await state.addresses("owned"))[ip].container == "new2"
+
+
 async def test_first_address_of_a_new_network_is_dot_two(state: State) -> None:
     """Next-fit starts after the gateway, so the first container gets .2 (socketplane habit)."""
     network = await state.network_for_cidr("10.0.6.1/24")
