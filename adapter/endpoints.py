@@ -15,7 +15,6 @@ Every step is idempotent, so a detach after a crash at any point converges.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -107,6 +106,10 @@ class EndpointManager:
         self._docker = docker
         self._pending: dict[str, float] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # What this process wired, so a `docker start` right after the create costs one inspect:
+        # the namespace (sandbox pid) each sandbox was last plugged into, and each app's sandbox.
+        self._plugged_pid: dict[str, int] = {}
+        self._sandbox_of_app: dict[str, str] = {}
 
     @property
     def host_id(self) -> str:
@@ -168,6 +171,7 @@ class EndpointManager:
                         f"sandbox {sandbox_id[:12]} stopped right after it started")
                 port = await self._dataplane.plug(container_id=sandbox_id, netns=pid,
                                                   network=network, ip=ip)
+                self._plugged_pid[sandbox_id] = pid
         except BaseException:
             await asyncio.shield(self._undo(sandbox_id, network.name, ip))
             raise
@@ -191,6 +195,11 @@ class EndpointManager:
             container_id=app_id, network=network, ip=ip, mac=mac, host=self.host_id,
             port=port, sandbox=sandbox_id))
         self._pending.pop(sandbox_id, None)
+        self._sandbox_of_app[app_id] = sandbox_id
+
+    def sandbox_of(self, app_id: str) -> str | None:
+        """The sandbox of an app this process committed (by full id), if still attached."""
+        return self._sandbox_of_app.get(app_id)
 
     async def abandon(self, sandbox_id: str, network: str, ip: str) -> None:
         """Docker refused the app: take the sandbox and its address back."""
@@ -208,6 +217,7 @@ class EndpointManager:
 
     async def _remove_sandbox(self, sandbox_id: str, network: str, ip: str | None) -> None:
         async with self._lock(sandbox_id):
+            self._plugged_pid.pop(sandbox_id, None)
             await self._dataplane.unplug(sandbox_id)
             await self._docker.remove(sandbox_id)
             if ip is not None:
@@ -220,13 +230,11 @@ class EndpointManager:
 
     async def release_if_owned(self, network: str, ip: str, owner: str) -> None:
         """Release ``ip`` unless it has been handed to someone else since."""
-        with contextlib.suppress(NetworkNotFound):
-            record = (await self._state.addresses(network)).get(ip)
-            if record is not None and record.container == owner:
-                await self._state.release_address(network, ip)
+        await self._state.release_address_if_owned(network, ip, owner)
 
     async def detach(self, endpoint: Endpoint) -> None:
         """The app is gone: unplug, remove its sandbox, release the address, drop the record."""
+        self._sandbox_of_app.pop(endpoint.container_id, None)
         await self._remove_sandbox(endpoint.sandbox, endpoint.network, endpoint.ip)
         await self._state.delete_endpoint(endpoint.container_id)
         log.info("released %s on %s (container %s)", endpoint.ip, endpoint.network,
@@ -246,7 +254,10 @@ class EndpointManager:
         if info is None:
             raise BadRequest(f"the network sandbox {sandbox_id[:12]} of this container is gone; "
                              "remove the container and create it again")
-        if not info["State"].get("Running"):
+        state = info["State"]
+        if state.get("Running") and state.get("Pid") == self._plugged_pid.get(sandbox_id):
+            return  # plugged into this very namespace by this process; nothing to repair
+        if not state.get("Running"):
             await self._docker.start(sandbox_id)
         await self.replug(sandbox_id, info["Config"].get("Labels") or {})
 
@@ -265,8 +276,13 @@ class EndpointManager:
                 log.warning("sandbox %s holds no address on %s; leaving it to reconciliation",
                             sandbox_id[:12], network.name)
                 return
+            if self._plugged_pid.get(sandbox_id) != pid:
+                # A new namespace (the sandbox restarted): its old veth died with the old one,
+                # and the bridge keeps a port for a device that is gone. Start from nothing.
+                await self._dataplane.unplug(sandbox_id)
             await self._dataplane.plug(container_id=sandbox_id, netns=pid, network=network,
                                        ip=ip)
+            self._plugged_pid[sandbox_id] = pid
 
     async def _address_of(self, network: str, sandbox_id: str) -> str | None:
         try:

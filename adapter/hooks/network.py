@@ -139,9 +139,11 @@ class NetworkHook:
                                      port=labels.get(LABEL_PORT, ""), sandbox_id=sandbox_id)
 
     async def _pre_start(self, container: str) -> None:
-        info = await self._docker.inspect(container)
-        labels = ((info or {}).get("Config") or {}).get("Labels") or {}
-        sandbox_id = labels.get(LABEL_SANDBOX)
+        sandbox_id = self._endpoints.sandbox_of(container)
+        if sandbox_id is None:
+            info = await self._docker.inspect(container)
+            labels = ((info or {}).get("Config") or {}).get("Labels") or {}
+            sandbox_id = labels.get(LABEL_SANDBOX)
         if sandbox_id:
             await self._endpoints.ensure_sandbox_running(sandbox_id)
 

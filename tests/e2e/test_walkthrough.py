@@ -59,6 +59,27 @@ def test_network_is_up_before_the_entrypoint(lab: E2ELab) -> None:
     assert ip.startswith("10.0.6.")
 
 
+def test_restart_after_the_sandbox_stopped_replugs(lab: E2ELab) -> None:
+    """The sandbox stopped behind our back (as after a daemon restart): `docker start` through
+    the proxy starts it again, wires its new namespace, and the app keeps its address."""
+    a, b = lab.hosts[0], lab.hosts[1]
+    a.docker_cli("run", "-d", "--name", "phoenix", "-e", f"SOCKETPLANE_CIDR={CIDR}", "busybox",
+                 "sleep", "1000")
+    before = overlay_ip(a, "phoenix")
+    sandbox = a.docker_cli("inspect", "-f", '{{index .Config.Labels "io.powerplane.sandbox"}}',
+                           "phoenix").stdout.strip()
+    a.docker_cli("stop", "-t", "1", "phoenix", direct=True)
+    a.docker_cli("stop", "-t", "1", sandbox, direct=True)
+    a.docker_cli("start", "phoenix")
+    assert overlay_ip(a, "phoenix") == before
+    b.docker_cli("run", "-d", "--name", "phoenix-peer", "-e", f"SOCKETPLANE_CIDR={CIDR}",
+                 "busybox", "sleep", "1000")
+    ping = b.docker_cli("exec", "phoenix-peer", "ping", "-c3", "-W2", before, check=False)
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+    for host, name in ((a, "phoenix"), (b, "phoenix-peer")):
+        host.docker_cli("rm", "-f", name)
+
+
 def test_web_server_on_one_host_serves_another(lab: E2ELab) -> None:
     """A busybox httpd on host C answers wget from a container on host A over the overlay."""
     a, c = lab.hosts[0], lab.hosts[2]
