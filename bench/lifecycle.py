@@ -6,8 +6,10 @@ Builds a 1-host end-to-end lab (``tests.e2e.cluster.E2ELab``: dockerd, OVS, Cons
 * serial: median wall time of ``docker run --rm -e SOCKETPLANE_CIDR=10.0.6.0/24 busybox true``
   through the proxy vs. ``docker run --rm --net=none busybox true`` straight on the daemon
   (interleaved, after warm-ups); target overlay/none <= 1.5x;
-* parallel: wall time of N such runs launched at once (threads), each mode; target: the
-  parallel wall time well under N serial runs (i.e. not serialised). Repeated, medians.
+* parallel: wall time of N such runs launched at once (threads), each mode, and the CPU the
+  whole machine and ``powerplane serve`` spent meanwhile; target: not serialised, i.e. well
+  under N serial runs, and scaling within 1.25x of what --net=none runs get from the same
+  daemon on the same cores. Repeated, medians.
 
 Every run uses ``--pull=never`` (busybox is imported into the lab daemon).
 
@@ -17,6 +19,7 @@ Every run uses ``--pull=never`` (busybox is imported into the lab daemon).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -27,8 +30,10 @@ from tests.e2e.cluster import E2ELab, Host
 
 CIDR = "10.0.6.0/24"
 SERIAL_TARGET = 1.5
-# "Well under N x": the parallel batch must take less than half of N serial runs.
-PARALLEL_FRACTION = 0.5
+# "Not serialised": N runs at once take well under N serial runs. How far under is set by the
+# machine (on 2 cores, plain --net=none runs manage about 10x for 20), so the overlay's batch is
+# also held to the daemon's own: at most this much slower, relative to one run, than --net=none.
+PARALLEL_VS_DAEMON = 1.25
 
 MODES = {
     "overlay": (("run", "--rm", "--pull=never", "-e", f"SOCKETPLANE_CIDR={CIDR}",
@@ -44,11 +49,28 @@ def _run_once(host: Host, mode: str) -> float:
     return time.perf_counter() - started
 
 
-def _parallel(host: Host, mode: str, n: int) -> float:
+def _cpu_busy_seconds() -> float:
+    """Seconds of CPU time all cores spent busy since boot (/proc/stat; idle and iowait out)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _parallel(host: Host, mode: str, n: int) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds the machine was busy, of them ``powerplane serve``'s)."""
+    assert host.serve is not None
+    busy, serve = _cpu_busy_seconds(), _process_cpu_seconds(host.serve.pid)
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=n) as pool:
         list(pool.map(lambda _: _run_once(host, mode), range(n)))
-    return time.perf_counter() - started
+    return (time.perf_counter() - started, _cpu_busy_seconds() - busy,
+            _process_cpu_seconds(host.serve.pid) - serve)
 
 
 def _count(rows: list[str]) -> str:
@@ -90,10 +112,16 @@ def main() -> None:
             for mode in MODES:
                 serial[mode].append(_run_once(host, mode))
         parallel: dict[str, list[float]] = {mode: [] for mode in MODES}
+        cpu: dict[str, list[float]] = {mode: [] for mode in MODES}
+        serve_cpu: list[float] = []
         for _ in range(args.rounds):
             for mode in MODES:
                 _drain(host)
-                parallel[mode].append(_parallel(host, mode, args.parallel))
+                wall, busy, ours = _parallel(host, mode, args.parallel)
+                parallel[mode].append(wall)
+                cpu[mode].append(busy)
+                if mode == "overlay":
+                    serve_cpu.append(ours)
         fmt = '{{.Label "io.powerplane.role"}}:{{.State}}'
         leftover = host.docker_cli("ps", "-a", "--format", fmt, direct=True).stdout.split()
         time.sleep(5)
@@ -119,11 +147,20 @@ def main() -> None:
           f"{max(serial['none']):.3f} s | | |")
     print(f"| {n} at once, median wall | {par['overlay']:.2f} s | {par['none']:.2f} s "
           f"| overlay/none {par['overlay'] / par['none']:.2f}x | |")
-    for mode, label in (("overlay", "overlay"), ("none", "--net=none")):
-        x = par[mode] / med[mode]
-        ok = x < n * PARALLEL_FRACTION
-        print(f"| {n} at once / 1 serial, {label} | | | {x:.1f}x "
-              f"| < {n * PARALLEL_FRACTION:.0f}x (not {n}x): {_verdict(ok)} |")
+    busy = {mode: statistics.median(v) for mode, v in cpu.items()}
+    cores = os.cpu_count() or 1
+    print(f"| {n} at once, CPU busy (all cores) | {busy['overlay']:.1f} s "
+          f"= {busy['overlay'] / par['overlay']:.1f} of {cores} cores "
+          f"| {busy['none']:.1f} s = {busy['none'] / par['none']:.1f} of {cores} cores "
+          f"| CPU per run overlay/none {busy['overlay'] / busy['none']:.2f}x | |")
+    print(f"| {n} at once, of it powerplane serve | {statistics.median(serve_cpu):.1f} s "
+          f"| | | |")
+    scaling = {mode: par[mode] / med[mode] for mode in MODES}
+    print(f"| {n} at once / 1 serial run | {scaling['overlay']:.1f}x | {scaling['none']:.1f}x "
+          f"| | overlay < {n}x (serialised): {_verdict(scaling['overlay'] < n)} |")
+    relative = scaling["overlay"] / scaling["none"]
+    print(f"| overlay's scaling vs the daemon's | | | {relative:.2f}x "
+          f"| <= {PARALLEL_VS_DAEMON}x: {_verdict(relative <= PARALLEL_VS_DAEMON)} |")
     print()
     print("raw parallel wall times (s): "
           + "; ".join(f"{m}: {', '.join(f'{t:.2f}' for t in v)}" for m, v in parallel.items()))
