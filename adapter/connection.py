@@ -26,10 +26,6 @@ BUFFER_LIMIT = 256 * 1024
 SideCallback = Callable[["ConnectionSide"], None]
 
 
-def _ignore(side: ConnectionSide) -> None:
-    del side
-
-
 class ConnectionSide(asyncio.Protocol):
     """A socket's protocol; ``on_data``, ``on_eof`` and ``on_lost`` go to whoever drives it."""
 
@@ -37,9 +33,9 @@ class ConnectionSide(asyncio.Protocol):
         self,
         name: str,
         *,
-        on_data: SideCallback = _ignore,
-        on_eof: SideCallback = _ignore,
-        on_lost: SideCallback = _ignore,
+        on_data: SideCallback,
+        on_eof: SideCallback,
+        on_lost: SideCallback,
     ) -> None:
         self.name = name
         self.on_data = on_data

@@ -268,10 +268,7 @@ class _Session:
         upstream = self.upstream
         assert upstream is not None
         upstream.write(self.client.consume(end))
-        self._begin_exchange(head, BodyFramer(plain.framing, plain.length))
-        self._relay_request_body()
-        if self.client.at_eof:
-            self._client_eof(self.client)
+        self._request_sent(head, BodyFramer(plain.framing, plain.length))
         return True
 
     async def _connect_and_send(self, head: Head, framing: Framing, length: int) -> None:
@@ -284,11 +281,15 @@ class _Session:
         assert upstream is not None
         upstream.write(head.relay_bytes(f"{head.method} {head.target} HTTP/1.1",
                                         keep_upgrade=head.upgrade_requested))
-        self._begin_exchange(head, BodyFramer(framing, length))
+        self._request_sent(head, BodyFramer(framing, length))
+        self._upstream_progress()
+
+    def _request_sent(self, head: Head, body: BodyFramer) -> None:
+        """The head is upstream: relay the body bytes at hand and what follows them."""
+        self._begin_exchange(head, body)
         self._relay_request_body()
         if self.client.at_eof:
             self._client_eof(self.client)
-        self._upstream_progress()
 
     def _begin_exchange(self, request: Head, request_body: BodyFramer) -> None:
         self.state = _State.EXCHANGE
@@ -317,7 +318,7 @@ class _Session:
         upstream = self.upstream
         assert upstream is not None and self._request is not None
         head_bytes = b""
-        while self._response is None:
+        if self._response is None:
             end = find_head_end(upstream.buffer, upstream=True)
             if end < 0:
                 return
@@ -326,10 +327,9 @@ class _Session:
                 if plain is not None:
                     self._relay_plain_response(plain, end)
                     return
-            head = parse_response_head(upstream.consume(end))
-            if 100 <= head.status < 200 and head.status != 101:
-                self.client.write(encode_head(head.start_line, head.headers))
-                continue
+            head = self._take_final_head(upstream)
+            if head is None:
+                return
             head_bytes = self._start_response(head)
             if self.state is not _State.EXCHANGE:
                 return
@@ -343,6 +343,16 @@ class _Session:
                 head_bytes = b""
         self.client.write(head_bytes)
         self._end_response_if_done()
+
+    def _take_final_head(self, upstream: ConnectionSide) -> Head | None:
+        """dockerd's final answer head from the buffer, interim 1xx ones passed on to the
+        client; None while it has not arrived whole."""
+        while (end := find_head_end(upstream.buffer, upstream=True)) >= 0:
+            head = parse_response_head(upstream.consume(end))
+            if head.status == 101 or not 100 <= head.status < 200:
+                return head
+            self.client.write(encode_head(head.start_line, head.headers))
+        return None
 
     def _relay_plain_response(self, plain: PlainMessage, end: int) -> None:
         """Pass on an answer that needs no change before parsing it (see _relay_plain_request).
@@ -494,18 +504,12 @@ class _Session:
             raise BadRequest(f"body of {head.method} {head.path}: {exc}") from None
 
     async def _read_response_head(self, upstream: ConnectionSide) -> Head:
-        """dockerd's final answer head; interim 1xx answers go on to the client."""
-        while True:
-            end = find_head_end(upstream.buffer, upstream=True)
-            if end >= 0:
-                head = parse_response_head(upstream.consume(end))
-                if head.status == 101 or not 100 <= head.status < 200:
-                    return head
-                self.client.write(encode_head(head.start_line, head.headers))
-                continue
+        """dockerd's final answer head, waiting for it; interim 1xx answers go on to the client."""
+        while (head := self._take_final_head(upstream)) is None:
             if upstream.at_eof:
                 raise UpstreamError("dockerd closed the connection without answering")
             await upstream.wait_readable()
+        return head
 
     # Connections
 
