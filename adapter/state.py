@@ -416,7 +416,9 @@ class State:
             self._op("set", f"ipam/{network.name}", str((offset + 1) % network.size)),
         ])
         if 0 in result.failed:
-            raise NetworkNotFound(f"network {network.name!r} not found")
+            # Consul's own words say which check failed: a missing network, or something else.
+            raise NetworkNotFound(f"network {network.name!r} not found while claiming {ip} "
+                                  f"(Consul: {result.failed[0] or 'no reason given'})")
         return result.ok
 
     async def _claim_from_listing(self, network: Network, container: str, host: str) -> str:
