@@ -1,3 +1,13 @@
-"""Powerplane: multi-host overlay networking for Docker."""
+"""Powerplane: multi-host overlay networking for Docker.
+
+    adapter/                   foundation: errors, settings, model (shared by every layer)
+    adapter/proxy/             the Docker API proxy            (knows no network code)
+    adapter/dataplane/         OVS, links, tunnels, underlay   (knows no Consul, Docker, proxy)
+    adapter/network/           Consul state, IPAM, endpoints, agent; uses dataplane
+    adapter/hooks/             hook entry points; use network and proxy.powerstrip
+    adapter/commands/, cli     the command line; wires everything
+
+Dependencies point one way; ``tests/test_layers.py`` fails on an import against it.
+"""
 
 __version__ = "0.1.0"

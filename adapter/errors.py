@@ -16,7 +16,8 @@ once, inside the wrapper module that owns that library; nothing else sees them.
     │   ├── NetworkNotFound                                                                  404
     │   ├── NetworkConflict         name, subnet or VNI already taken; network in use         409
     │   └── PoolExhausted           no free address left in a network                        409
-    └── DataPlaneError              Open vSwitch or netlink refused a change                  500
+    ├── DataPlaneError              Open vSwitch or netlink refused a change                  500
+    └── NotReady                    a part of this host (data plane, Consul) is still starting 503
 """
 
 from __future__ import annotations
@@ -109,3 +110,9 @@ class DataPlaneError(PowerplaneError):
     """Open vSwitch or the kernel (netlink) refused a data-plane change."""
 
     status = 500
+
+
+class NotReady(PowerplaneError):
+    """A part of this host that the request needs did not come up within the wait allowed."""
+
+    status = 503

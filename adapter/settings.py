@@ -47,6 +47,7 @@ class Settings:
     host_id: str = ""
     host_ttl: float = 15.0
     reconcile_interval: float = 30.0
+    dataplane_wait: float = 30.0
     log_level: str = "info"
 
     def replace(self, **changes: Any) -> Settings:
@@ -143,6 +144,9 @@ SERVE_OPTIONS: tuple[Option, ...] = (
            parse=_positive_float, metavar="SECONDS"),
     Option("reconcile_interval", "--reconcile-interval", "seconds between reconciliations of "
            "Consul, Docker and OVS (default 30)", parse=_positive_float, metavar="SECONDS"),
+    Option("dataplane_wait", "--dataplane-wait", "seconds a create waits for the data plane "
+           "while serve is starting before it is refused (default 30)", parse=_positive_float,
+           metavar="SECONDS"),
     Option("log_level", "--log-level", "debug, info, warning or error (default info)",
            metavar="LEVEL"),
 )

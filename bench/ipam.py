@@ -65,9 +65,9 @@ async def _measure(
 
 
 async def _run(http: str, samples: int) -> None:
-    from adapter.netmodel import Network
+    from adapter.model import Network
+    from adapter.network.state import State
     from adapter.settings import Settings
-    from adapter.state import State
 
     results: dict[tuple[str, str, int], list[float]] = {}
     for pattern in ("sequential", "scattered"):

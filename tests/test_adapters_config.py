@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from adapter.adapters_config import parse_adapters_config
 from adapter.errors import ConfigError
-from adapter.hookchain import HookChain
+from adapter.proxy.adapters_config import parse_adapters_config
+from adapter.proxy.hookchain import HookChain
 
 GOOD = """
 version: 1

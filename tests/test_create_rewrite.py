@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from adapter.errors import BadRequest
-from adapter.hooks.create_rewrite import (
+from adapter.network.create_rewrite import (
     OverlayRequest,
     check_compatible,
     overlay_request,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from adapter.errors import BadRequest, RequestTooLarge, UpstreamError
-from adapter.http1 import (
+from adapter.proxy.http1 import (
     MAX_HEAD_BYTES,
     BodyFramer,
     Framing,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from adapter.errors import InvalidNetwork
-from adapter.netmodel import (
+from adapter.model import (
     AddressRecord,
     Endpoint,
     Host,

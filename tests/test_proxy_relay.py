@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from adapter.adapters_config import DEFAULT_ADAPTERS_CONFIG
-from adapter.hookchain import HookChain
-from adapter.proxy import DockerProxy
+from adapter.proxy.adapters_config import DEFAULT_ADAPTERS_CONFIG
+from adapter.proxy.hookchain import HookChain
+from adapter.proxy.relay import DockerProxy
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

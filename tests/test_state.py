@@ -1,4 +1,5 @@
-"""adapter.state against a real ``consul agent -dev``: networks, IPAM, endpoints, hosts, errors."""
+"""adapter.network.state against a real ``consul agent -dev``: networks, IPAM, endpoints, hosts,
+errors."""
 
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ from adapter.errors import (
     NetworkNotFound,
     PoolExhausted,
 )
-from adapter.netmodel import Endpoint, Host
+from adapter.model import Endpoint, Host
+from adapter.network.state import State
 from adapter.settings import Settings
-from adapter.state import State
 from tests.support.consul import ConsulAgent
 
 REPO = Path(__file__).resolve().parent.parent

@@ -7,8 +7,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from adapter.network.state import State
 from adapter.settings import CONSUL_OPTIONS, add_options, load_settings
-from adapter.state import State
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -9,11 +9,15 @@ import signal
 from collections.abc import Mapping
 from typing import Any
 
-from adapter.adapters_config import load_adapters_config
+import sdnotify
+
 from adapter.cli import configure_logging
-from adapter.listeners import Listeners, plan_listeners
-from adapter.proxy import make_proxy
-from adapter.services import host_runtime
+from adapter.hooks.network import HOOK_NAME, NetworkHook
+from adapter.network.readiness import CONSUL, DATAPLANE, LISTENERS, Readiness
+from adapter.network.runtime import host_runtime
+from adapter.proxy.adapters_config import load_adapters_config
+from adapter.proxy.listeners import Listeners, plan_listeners
+from adapter.proxy.relay import make_proxy
 from adapter.settings import CONSUL_OPTIONS, SERVE_OPTIONS, add_options, load_settings
 
 log = logging.getLogger("powerplane.serve")
@@ -43,10 +47,13 @@ async def serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     listeners = Listeners()
+    readiness = Readiness((LISTENERS, DATAPLANE, CONSUL))
+    readiness.observe(_ReadinessReporter(sdnotify.SystemdNotifier()))
     try:
         async with (
-            host_runtime(settings) as builtin_hooks,
-            make_proxy(settings, builtin_hooks=builtin_hooks,
+            host_runtime(settings, readiness) as runtime,
+            make_proxy(settings,
+                       builtin_hooks={HOOK_NAME: NetworkHook(runtime.endpoints, runtime.docker)},
                        adapters_config=adapters_config) as proxy,
         ):
             await listeners.start(addresses, tls, proxy.accept)
@@ -56,6 +63,7 @@ async def serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                          if tls and name.startswith("tcp") else "")
             log.info("relaying to dockerd at %s; hooks from %s", settings.docker_url,
                      settings.adapters_file or "the built-in default")
+            readiness.mark_up(LISTENERS)
             await stop.wait()
             log.info("stopping")
             await listeners.close()
@@ -64,3 +72,25 @@ async def serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
     return 0
+
+
+class _ReadinessReporter:
+    """Says once, in the log and to systemd (Type=notify), when every part of serve is up."""
+
+    def __init__(self, notifier: sdnotify.SystemdNotifier) -> None:
+        self._notifier = notifier
+        self._announced = False
+
+    def __call__(self, readiness: Readiness) -> None:
+        pending = readiness.pending()
+        if pending:
+            self._notifier.notify("STATUS=waiting for " + ", ".join(
+                f"{part} ({readiness.waiting_reasons[part]})"
+                if part in readiness.waiting_reasons else part for part in pending))
+            return
+        if not self._announced:
+            self._announced = True
+            log.info("ready in %.2f s: listeners, Consul session and data plane are up",
+                     readiness.seconds_since_start())
+            self._notifier.notify("READY=1")
+        self._notifier.notify("STATUS=ready")

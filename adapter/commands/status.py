@@ -13,11 +13,11 @@ from collections.abc import Awaitable, Mapping
 from typing import Any
 
 from adapter.commands.network import format_table
-from adapter.dataplane import DataPlane
-from adapter.docker_api import Docker
+from adapter.dataplane.switch import DataPlane
 from adapter.errors import PowerplaneError
+from adapter.network.docker_api import Docker
+from adapter.network.state import State
 from adapter.settings import CONSUL_OPTIONS, SERVE_OPTIONS, Option, add_options, load_settings
-from adapter.state import State
 
 STATUS_FIELDS = {"docker_url", "ovsdb", "bridge", "host_id", "underlay_ip", "datapath", "mtu"}
 STATUS_OPTIONS: tuple[Option, ...] = CONSUL_OPTIONS + tuple(

@@ -1,20 +1,9 @@
-"""Built-in hooks: in-process Powerstrip adapters, named in adapters.yml like external ones.
+"""Hook entry points: in-process Powerstrip adapters, named in adapters.yml like external ones.
 
-A built-in hook gets exactly the JSON an external Powerstrip adapter would get
-(``{"PowerstripProtocolVersion": 1, "Type": "pre-hook" | "post-hook", "ClientRequest": ...,
-"ServerResponse": ...}``) and returns exactly what one would answer (``ModifiedClientRequest`` or
-``ModifiedServerResponse``). Raising a ``PowerplaneError`` stops the request; the client gets a
-Docker-shaped error with that exception's status and message.
+Each module turns the Powerstrip messages of the Docker calls it hooks into calls on the network
+control plane; the work itself lives in ``adapter.network``. A hook gets exactly the JSON an
+external adapter would get and answers what one would answer (``adapter.proxy.powerstrip``).
+
+May import: ``adapter.errors``, ``adapter.settings``, ``adapter.model``, ``adapter.network``,
+``adapter.proxy.powerstrip`` and itself.
 """
-
-from __future__ import annotations
-
-from typing import Any, Protocol
-
-PowerstripMessage = dict[str, Any]
-
-
-class BuiltinHook(Protocol):
-    """One in-process adapter: handles both pre-hook and post-hook messages."""
-
-    async def __call__(self, message: PowerstripMessage) -> PowerstripMessage: ...

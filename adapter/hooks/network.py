@@ -20,11 +20,8 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-from adapter.docker_api import Docker
-from adapter.endpoints import EndpointManager
 from adapter.errors import BadRequest, PowerplaneError
-from adapter.hooks import PowerstripMessage
-from adapter.hooks.create_rewrite import (
+from adapter.network.create_rewrite import (
     LABEL_CIDR,
     LABEL_GATEWAY,
     LABEL_IP,
@@ -36,6 +33,9 @@ from adapter.hooks.create_rewrite import (
     overlay_request,
     rewrite_create,
 )
+from adapter.network.docker_api import Docker
+from adapter.network.endpoints import EndpointManager
+from adapter.proxy.powerstrip import PowerstripMessage
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Test-only host agent: ``adapter.services.host_runtime`` until SIGTERM, like ``serve`` runs it.
+"""Test-only host agent: ``host_runtime`` (adapter.network.runtime) until SIGTERM, as serve runs it.
 
 Run inside a lab host's namespace with ``python -m tests.lab.agent``; configured only through
 ``POWERPLANE_*`` environment variables, read by the same code the command line uses.
@@ -12,7 +12,8 @@ import os
 import signal
 
 from adapter.cli import configure_logging
-from adapter.services import host_runtime
+from adapter.network.readiness import CONSUL, DATAPLANE, Readiness
+from adapter.network.runtime import host_runtime
 from adapter.settings import CONSUL_OPTIONS, SERVE_OPTIONS, load_settings
 
 
@@ -23,7 +24,10 @@ async def main() -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    async with host_runtime(settings):
+    readiness = Readiness((CONSUL, DATAPLANE))
+    async with host_runtime(settings, readiness):
+        # Ready as serve is: the bridge exists and this host is registered in Consul.
+        await readiness.wait_all()
         print("agent ready", flush=True)
         await stop.wait()
 

@@ -14,10 +14,10 @@ import os
 import sys
 from typing import Any
 
-from adapter.dataplane import DataPlane
-from adapter.netmodel import Host, Network
+from adapter.dataplane.switch import DataPlane
+from adapter.model import Host, Network
+from adapter.network.state import State
 from adapter.settings import CONSUL_OPTIONS, SERVE_OPTIONS, load_settings
-from adapter.state import State
 
 
 async def run(ops: list[dict[str, Any]]) -> list[Any]:

@@ -26,9 +26,9 @@ import sys
 import time
 
 from adapter.errors import ConsulUnavailable, PowerplaneError
-from adapter.netmodel import Host
+from adapter.model import Host
+from adapter.network.state import State
 from adapter.settings import Settings
-from adapter.state import State
 
 
 def _emit(document: object) -> None:

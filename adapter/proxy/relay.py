@@ -28,9 +28,6 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from adapter.adapters_config import DEFAULT_ADAPTERS_CONFIG, AdaptersConfig
-from adapter.connection import ConnectionSide
-from adapter.docker_errors import error_response
 from adapter.errors import (
     BadRequest,
     ConfigError,
@@ -38,9 +35,11 @@ from adapter.errors import (
     RequestTooLarge,
     UpstreamError,
 )
-from adapter.hookchain import ClientRequest, HookChain, MatchedHooks, ServerResponse
-from adapter.hooks import BuiltinHook
-from adapter.http1 import (
+from adapter.proxy.adapters_config import DEFAULT_ADAPTERS_CONFIG, AdaptersConfig
+from adapter.proxy.connection import ConnectionSide
+from adapter.proxy.docker_errors import error_response
+from adapter.proxy.hookchain import ClientRequest, HookChain, MatchedHooks, ServerResponse
+from adapter.proxy.http1 import (
     BodyFramer,
     Framing,
     Head,
@@ -54,6 +53,7 @@ from adapter.http1 import (
     request_framing,
     response_framing,
 )
+from adapter.proxy.powerstrip import BuiltinHook
 from adapter.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ The format is Powerstrip's, so existing files work unchanged::
 An endpoint key is ``METHOD PATH-PATTERN``; the pattern is matched with shell-style wildcards
 (``*`` also crosses ``/``) against the request path without its query string. Every problem is a
 ``ConfigError`` naming the file: unreadable file, YAML error, duplicate key, bad pattern, wrong
-shape. Whether a hook name exists is checked when the names are resolved (``adapter.hookchain``),
-because built-in hooks are only known once the host runtime runs.
+shape. Whether a hook name exists is checked when the names are resolved
+(``adapter.proxy.hookchain``), because built-in hooks are only known once the host runtime runs.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ from adapter.errors import (
     PoolExhausted,
     StateError,
 )
-from adapter.netmodel import (
+from adapter.model import (
     AddressRecord,
     Endpoint,
     Host,
@@ -504,21 +504,25 @@ class State:
         return _hosts(await self._list("hosts/"))
 
     @asynccontextmanager
-    async def registered(self, host: Host) -> AsyncIterator[None]:
+    async def registered(self, host: Host, *,
+                         on_registered: Callable[[], None] | None = None) -> AsyncIterator[None]:
         """Hold ``hosts/<id>`` under a TTL session renewed in the background; drop it on exit.
 
         If the process dies, Consul deletes the key once the session expires. We ask Consul for
         half of ``host_ttl`` because it may wait up to twice a session's TTL (minimum 10 s).
         Consul being down on entry is not an error (``serve`` starts without Consul): the
         background task keeps trying and registers as soon as Consul answers.
+        ``on_registered`` is called after every successful registration.
         """
         ttl = max(SESSION_TTL_MIN, math.ceil(self._settings.host_ttl / 2))
         holder: list[str | None] = [None]
+        notify = on_registered or (lambda: None)
         try:
             holder[0] = await self._register(host, ttl)
+            notify()
         except StateError as exc:
             log.warning("host %s: not registered yet, will retry: %s", host.host_id, exc)
-        renewer = asyncio.create_task(self._keep_registered(host, ttl, holder),
+        renewer = asyncio.create_task(self._keep_registered(host, ttl, holder, notify),
                                       name=f"powerplane-register-{host.host_id}")
         try:
             yield
@@ -563,7 +567,8 @@ class State:
     async def _renew(self, session: str) -> Any:
         return await self._call(lambda c: _renew(c, session))
 
-    async def _keep_registered(self, host: Host, ttl: int, holder: list[str | None]) -> None:
+    async def _keep_registered(self, host: Host, ttl: int, holder: list[str | None],
+                               notify: Callable[[], None]) -> None:
         retry = min(1.0, ttl / 3)
         interval = ttl / 3 if holder[0] else retry
         while True:
@@ -575,6 +580,7 @@ class State:
                         log.warning("host %s: session expired; registering again",
                                     host.host_id)
                     holder[0] = await self._register(host, ttl)
+                    notify()
                 interval = ttl / 3
             except StateError as exc:
                 log.warning("host %s: cannot renew registration: %s", host.host_id, exc)

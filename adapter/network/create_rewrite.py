@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from adapter.docker_api import SandboxSpec
 from adapter.errors import BadRequest
+from adapter.network.docker_api import SandboxSpec
 
 CIDR_VAR = "SOCKETPLANE_CIDR"
 NETWORK_VAR = "SOCKETPLANE_NETWORK"

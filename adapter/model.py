@@ -1,9 +1,10 @@
 """The network domain: networks, endpoints, hosts and the rules their values must follow.
 
-Pure data and validation; nothing here does I/O. ``adapter.state`` stores these objects in Consul
-as the JSON that ``to_json`` returns (the layout is in DESIGN.md), and reads them back with
-``from_json``. Every validation failure is an ``InvalidNetwork`` whose message says what is wrong
-and what is allowed.
+Pure data and validation, shared by the control plane and the data plane; nothing here does
+I/O. ``adapter.network.state`` stores these objects in Consul as the JSON that ``to_json``
+returns (the layout is in docs/state.md), and reads them back with ``from_json``. Every
+validation failure is an ``InvalidNetwork`` whose message says what is wrong and what is
+allowed.
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ from typing import Any
 
 import aiohttp
 
-from adapter.adapters_config import AdaptersConfig
 from adapter.errors import ConfigError, HookError, PowerplaneError
-from adapter.hooks import BuiltinHook, PowerstripMessage
+from adapter.proxy.adapters_config import AdaptersConfig
+from adapter.proxy.powerstrip import BuiltinHook, PowerstripMessage
 
 log = logging.getLogger(__name__)
 

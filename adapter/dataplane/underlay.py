@@ -16,9 +16,9 @@ Every step checks first, so re-running after a crash or a restart changes nothin
 
 from __future__ import annotations
 
-from adapter import links
+from adapter.dataplane import links
+from adapter.dataplane.ovs import Ovs, OvsPort
 from adapter.errors import DataPlaneError
-from adapter.ovs import Ovs, OvsPort
 from adapter.settings import Settings
 
 PHYSICAL_BRIDGE = "br-phy"

@@ -21,9 +21,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from adapter.docker_api import Docker
-from adapter.errors import BadRequest, DataPlaneError, NetworkNotFound, PowerplaneError
-from adapter.hooks.create_rewrite import (
+from adapter.errors import BadRequest, NetworkNotFound, PowerplaneError
+from adapter.model import Endpoint, Network, parse_cidr
+from adapter.network.create_rewrite import (
     LABEL_APP_NAME,
     LABEL_CIDR,
     LABEL_GATEWAY,
@@ -38,9 +38,10 @@ from adapter.hooks.create_rewrite import (
     OverlayRequest,
     sandbox_spec,
 )
-from adapter.netmodel import Endpoint, Network, parse_cidr
+from adapter.network.docker_api import Docker
+from adapter.network.readiness import DATAPLANE, Readiness
+from adapter.network.state import State
 from adapter.settings import Settings
-from adapter.state import State
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class PluggedPortLike(Protocol):
 
 
 class DataPlaneLike(Protocol):
-    """The part of ``adapter.dataplane.DataPlane`` endpoints need."""
+    """The part of ``adapter.dataplane.switch.DataPlane`` endpoints need."""
 
     async def plug(self, *, container_id: str, netns: int | str, network: Network,
                    ip: str) -> PluggedPortLike: ...
@@ -98,9 +99,9 @@ class EndpointManager:
     """Creates, repairs and removes overlay endpoints on this host."""
 
     def __init__(self, settings: Settings, *, state: State, dataplane: DataPlaneLike,
-                 docker: Docker, dataplane_ready: asyncio.Future[None] | None = None) -> None:
+                 docker: Docker, readiness: Readiness | None = None) -> None:
         self._settings = settings
-        self._dataplane_ready = dataplane_ready
+        self._readiness = readiness
         self._state = state
         self._dataplane = dataplane
         self._docker = docker
@@ -146,7 +147,8 @@ class EndpointManager:
     async def attach(self, network: Network, body: Mapping[str, Any], *,
                      app_name: str | None) -> Attachment:
         """Make a started, plugged sandbox with an address; undo everything if any step fails."""
-        self._require_dataplane()
+        if self._readiness is not None:
+            await self._readiness.wait_for(DATAPLANE, self._settings.dataplane_wait)
         labels = {
             LABEL_ROLE: SANDBOX_ROLE,
             LABEL_NETWORK: network.name,
@@ -178,15 +180,6 @@ class EndpointManager:
         log.info("sandbox %s on %s holds %s", sandbox_id[:12], network.name, ip)
         return Attachment(network=network, ip=ip, mac=port.mac, port=port.port,
                           sandbox_id=sandbox_id)
-
-    def _require_dataplane(self) -> None:
-        ready = self._dataplane_ready
-        if ready is not None and not (ready.done() and not ready.cancelled()
-                                      and ready.exception() is None):
-            raise DataPlaneError(
-                f"Open vSwitch is not reachable at {self._settings.ovsdb} (bridge "
-                f"{self._settings.bridge} not ready): is ovs-vswitchd running? "
-                "See `powerplane status`")
 
     async def commit(self, *, app_id: str, network: str, ip: str, mac: str, port: str,
                      sandbox_id: str) -> None:

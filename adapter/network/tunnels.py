@@ -19,12 +19,9 @@ import socket
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
-from adapter import __version__
-from adapter.dataplane import DataPlane, TunnelChange
+from adapter.dataplane.switch import DataPlane, TunnelChange
 from adapter.errors import PowerplaneError
-from adapter.netmodel import Host, Network
-from adapter.settings import Settings
-from adapter.state import State
+from adapter.model import Host, Network
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +29,7 @@ DISCARD_PORT = 9  # RFC 863: nothing answers, nothing is disturbed
 
 
 class HostRegistry(Protocol):
-    """What the reconciler needs from ``adapter.state.State``."""
+    """What the reconciler needs from ``adapter.network.state.State``."""
 
     def watch_hosts(self) -> AsyncIterator[list[Host]]: ...
 
@@ -95,40 +92,3 @@ class TunnelReconciler:
                     await asyncio.sleep(1)
                     self._changed.set()
                 self.reconciled.set()
-
-
-@contextlib.asynccontextmanager
-async def tunnel_agent(settings: Settings) -> AsyncIterator[DataPlane]:
-    """This host's data plane, registered in Consul, with tunnels following the host list.
-
-    The bridge is ensured before this yields; registering and reconciling run in the background
-    and retry while Consul is unreachable, so the caller (``serve``) never waits on Consul.
-    On exit the reconciler stops, the host is deregistered and the connections are closed.
-    """
-    dataplane = DataPlane(settings)
-    state = State(settings)
-    host = Host(settings.host_id, settings.underlay_ip or "", socket.gethostname(), __version__)
-
-    async def register_and_follow() -> None:
-        backoff = 0.5
-        while True:
-            try:
-                async with state.registered(host):
-                    await TunnelReconciler(dataplane, state).run()
-            except PowerplaneError as exc:
-                log.warning("host agent: %s; retrying in %.1f s", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-
-    try:
-        await dataplane.start()
-        agent = asyncio.create_task(register_and_follow(), name="powerplane-tunnel-agent")
-        try:
-            yield dataplane
-        finally:
-            agent.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await agent
-    finally:
-        await dataplane.close()
-        await state.close()

@@ -22,8 +22,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from adapter.errors import ConfigError
+from adapter.proxy.tls import TlsServerProtocol
 from adapter.settings import Settings
-from adapter.tls import TlsServerProtocol
 
 ProtocolFactory = Callable[[], asyncio.Protocol]
 SOCKET_MODE = 0o660

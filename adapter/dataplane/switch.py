@@ -1,7 +1,8 @@
 """The data plane of one host: the OVS integration bridge, container ports and VXLAN tunnels.
 
-This is the façade the network hook and the tunnel reconciler use; it composes ``adapter.ovs``
-(OVSDB) and ``adapter.links`` (netlink). OVS itself is the record of what is plugged: every port
+This is the façade the network hook and the tunnel reconciler use; it composes
+``adapter.dataplane.ovs`` (OVSDB) and ``adapter.dataplane.links`` (netlink). OVS itself is the
+record of what is plugged: every port
 we own carries ``external_ids`` (``powerplane-kind`` = ``container`` or ``tunnel``, plus the
 container, network, VNI, address...), so a restarted agent reads its state back from the bridge.
 
@@ -23,10 +24,10 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from adapter import links, underlay
+from adapter.dataplane import links, underlay
+from adapter.dataplane.ovs import Ovs, OvsPort
 from adapter.errors import DataPlaneError
-from adapter.netmodel import Host, Network, mac_for_ip
-from adapter.ovs import Ovs, OvsPort
+from adapter.model import Host, Network, mac_for_ip
 from adapter.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,9 @@ class DataPlane:
 
     async def set_tunnels(self, peers: Iterable[Host], networks: Iterable[Network]) -> TunnelChange:
         """Make the tunnels exactly (peers x networks), in one transaction; report the change."""
-        peer_list = [h for h in peers if h.host_id != self.settings.host_id
+        # A host registered without an underlay address (a single-host setup) has nowhere
+        # for a tunnel to end.
+        peer_list = [h for h in peers if h.host_id != self.settings.host_id and h.underlay_ip
                      and h.underlay_ip != self.settings.underlay_ip]
         network_list = list(networks)
         async with self._lock:

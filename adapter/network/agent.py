@@ -20,10 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapter.docker_api import Docker
-from adapter.endpoints import DataPlaneLike, EndpointManager
 from adapter.errors import PowerplaneError
-from adapter.hooks.create_rewrite import (
+from adapter.network.create_rewrite import (
     LABEL_HOST,
     LABEL_IP,
     LABEL_MAC,
@@ -33,8 +31,10 @@ from adapter.hooks.create_rewrite import (
     LABEL_SANDBOX,
     SANDBOX_ROLE,
 )
+from adapter.network.docker_api import Docker
+from adapter.network.endpoints import DataPlaneLike, EndpointManager
+from adapter.network.state import State
 from adapter.settings import Settings
-from adapter.state import State
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,128 @@
+"""This host's network control plane, started and stopped as one unit by ``serve``.
+
+One start sequence, whether or not other hosts exist:
+
+    1. bring up the data plane (bridge; with an underlay IP, the underlay too), retrying while
+       Open vSwitch does not answer                                   → readiness "dataplane"
+    2. register this host in Consul under a TTL session, retrying while Consul does not answer
+                                                                      → readiness "consul"
+    3. follow the host and network lists into VXLAN tunnels (only with an underlay IP: a host
+       without one has no address for tunnels to end at), and run the host agent (Docker
+       events and periodic reconciliation)
+
+Neither Consul nor OVS has to be up for the proxy to serve plain Docker traffic. A create that
+arrives while the data plane is coming up waits for it (``dataplane_wait``), then fails with
+an error naming what is not up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+from adapter import __version__
+from adapter.dataplane.switch import DataPlane
+from adapter.errors import PowerplaneError
+from adapter.model import Host
+from adapter.network.agent import HostAgent
+from adapter.network.docker_api import Docker
+from adapter.network.endpoints import EndpointManager
+from adapter.network.readiness import CONSUL, DATAPLANE, Readiness
+from adapter.network.state import State
+from adapter.network.tunnels import TunnelReconciler
+from adapter.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RETRY_MIN_SECONDS = 0.2
+RETRY_MAX_SECONDS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class HostRuntime:
+    """What the hooks need from a running host: its endpoints and its Docker daemon."""
+
+    endpoints: EndpointManager
+    docker: Docker
+    readiness: Readiness
+
+
+@asynccontextmanager
+async def host_runtime(settings: Settings, readiness: Readiness) -> AsyncIterator[HostRuntime]:
+    """Start this host's control plane in the background; stop all of it on exit.
+
+    ``readiness`` must have the parts ``dataplane`` and ``consul``; they are marked up as the
+    start sequence reaches them.
+    """
+    async with AsyncExitStack() as stack:
+        state = State(settings)
+        stack.push_async_callback(state.close)
+        docker = Docker(settings.docker_url)
+        stack.push_async_callback(docker.close)
+        dataplane = DataPlane(settings)
+        stack.push_async_callback(dataplane.close)
+        endpoints = EndpointManager(settings, state=state, dataplane=dataplane, docker=docker,
+                                    readiness=readiness)
+        agent = HostAgent(settings, state=state, dataplane=dataplane, docker=docker,
+                          endpoints=endpoints)
+        host = Host(settings.host_id, settings.underlay_ip or "", socket.gethostname(),
+                    __version__)
+
+        async def start_sequence() -> None:
+            await _retry(dataplane.start, readiness, DATAPLANE,
+                         f"Open vSwitch at {settings.ovsdb}, bridge {settings.bridge}")
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(_registered(state, host, readiness, dataplane),
+                                  name="powerplane-host-registration")
+                tasks.create_task(agent.run(), name="powerplane-host-agent")
+
+        task = asyncio.create_task(start_sequence(), name="powerplane-host-runtime")
+        stack.push_async_callback(_cancel, task)
+        yield HostRuntime(endpoints=endpoints, docker=docker, readiness=readiness)
+
+
+async def _registered(state: State, host: Host, readiness: Readiness,
+                      dataplane: DataPlane) -> None:
+    """Hold this host's registration; with an underlay IP, keep the tunnels in line."""
+    backoff = RETRY_MIN_SECONDS
+    while True:
+        try:
+            async with state.registered(host, on_registered=lambda: readiness.mark_up(CONSUL)):
+                if host.underlay_ip:
+                    await TunnelReconciler(dataplane, state).run()
+                else:
+                    await asyncio.Event().wait()  # nothing to follow; hold the session
+        except PowerplaneError as exc:
+            readiness.mark_waiting(CONSUL, str(exc))
+            log.warning("host registration: %s; retrying in %.1f s", exc, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RETRY_MAX_SECONDS)
+
+
+async def _retry(start: Callable[[], Awaitable[None]], readiness: Readiness, part: str,
+                 what: str) -> None:
+    backoff = RETRY_MIN_SECONDS
+    while True:
+        try:
+            await start()
+        except PowerplaneError as exc:
+            readiness.mark_waiting(part, f"{what}: {exc}")
+            log.warning("%s not ready (%s); retrying in %.1f s", part, exc, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RETRY_MAX_SECONDS)
+        else:
+            readiness.mark_up(part)
+            log.info("%s ready", part)
+            return
+
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, PowerplaneError):
+        await task
