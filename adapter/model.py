@@ -109,8 +109,63 @@ def _require(data: Mapping[str, Any], key: str, kind: type) -> Any:
 
 
 @dataclass(frozen=True, slots=True)
+class NetworkSpec:
+    """A network someone asked for, validated once where the request came in.
+
+    ``powerplane network create`` and ``SOCKETPLANE_CIDR`` both end here; everything below takes
+    this value (or the ``Network`` it becomes) and never parses a CIDR again.
+    """
+
+    name: str
+    subnet: ipaddress.IPv4Network
+    gateway: ipaddress.IPv4Address
+    vni: int | None = None
+    mtu: int | None = None
+
+    @classmethod
+    def parse(
+        cls,
+        name: str,
+        cidr: str,
+        *,
+        gateway: str | None = None,
+        vni: int | None = None,
+        mtu: int | None = None,
+    ) -> NetworkSpec:
+        """Validate what a user typed; InvalidNetwork names the first thing that is wrong."""
+        validate_name(name)
+        subnet, default_gateway = parse_cidr(cidr)
+        gateway_ip = default_gateway if gateway is None else parse_gateway(gateway, subnet)
+        if vni is not None:
+            validate_vni(vni)
+        if mtu is not None:
+            validate_mtu(mtu)
+        return cls(name, subnet, gateway_ip, vni, mtu)
+
+    @classmethod
+    def for_subnet(cls, subnet: ipaddress.IPv4Network) -> NetworkSpec:
+        """The network SOCKETPLANE_CIDR creates on first use: named after it, gateway .1."""
+        return cls(name_for_subnet(subnet), subnet, subnet.network_address + 1)
+
+    def network(self, vni: int, *, created: float | None = None) -> Network:
+        """The network record this spec becomes once its VNI is chosen."""
+        return Network(
+            name=self.name,
+            cidr=str(self.subnet),
+            gateway=str(self.gateway),
+            vni=validate_vni(vni),
+            mtu=self.mtu,
+            created=time.time() if created is None else created,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Network:
-    """A virtual network that spans every host: one subnet, one VXLAN VNI."""
+    """A virtual network that spans every host: one subnet, one VXLAN VNI.
+
+    ``cidr`` and ``gateway`` are kept as stored in Consul; ``subnet`` is parsed from ``cidr``
+    once, when the record is made, for the address arithmetic IPAM does on every allocation.
+    """
 
     name: str
     cidr: str
@@ -118,6 +173,10 @@ class Network:
     vni: int
     mtu: int | None = None
     created: float = field(default_factory=time.time)
+    subnet: ipaddress.IPv4Network = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "subnet", ipaddress.IPv4Network(self.cidr))
 
     @classmethod
     def build(
@@ -131,24 +190,8 @@ class Network:
         created: float | None = None,
     ) -> Network:
         """A validated network; the CIDR is normalised to its subnet (host bits dropped)."""
-        validate_name(name)
-        subnet, default_gateway = parse_cidr(cidr)
-        gateway_ip = default_gateway if gateway is None else parse_gateway(gateway, subnet)
-        validate_vni(vni)
-        if mtu is not None:
-            validate_mtu(mtu)
-        return cls(
-            name=name,
-            cidr=str(subnet),
-            gateway=str(gateway_ip),
-            vni=vni,
-            mtu=mtu,
-            created=time.time() if created is None else created,
-        )
-
-    @property
-    def subnet(self) -> ipaddress.IPv4Network:
-        return ipaddress.IPv4Network(self.cidr)
+        return NetworkSpec.parse(name, cidr, gateway=gateway, mtu=mtu).network(
+            vni, created=created)
 
     @property
     def prefixlen(self) -> int:

@@ -65,7 +65,7 @@ async def _measure(
 
 
 async def _run(http: str, samples: int) -> None:
-    from adapter.model import Network
+    from adapter.model import Network, NetworkSpec
     from adapter.network.state import State
     from adapter.settings import Settings
 
@@ -74,7 +74,7 @@ async def _run(http: str, samples: int) -> None:
         for level in LEVELS:
             prefix = f"bench-{pattern}-{level}/"
             state = State(Settings(consul_addr=http, consul_prefix=prefix))
-            network = await state.create_network("big", "10.100.0.0/16")
+            network = await state.networks.create(NetworkSpec.parse("big", "10.100.0.0/16"))
             candidates = list(network.assignable())
             if pattern == "sequential":
                 taken, hint = candidates[:level], level + 1
@@ -84,12 +84,12 @@ async def _run(http: str, samples: int) -> None:
             await _fill(http, prefix, "big", taken, hint)
 
             async def release(ip: str, state: State = state) -> None:
-                await state.release_address("big", ip)
+                await state.addresses.release("big", ip)
 
             async def allocate(
                 container: str, state: State = state, network: Network = network
             ) -> str:
-                return await state.allocate_address(network, container=container, host="bench")
+                return await state.addresses.allocate(network, container=container, host="bench")
 
             async def naive(
                 container: str, state: State = state, network: Network = network

@@ -28,7 +28,7 @@ ALLOWED: dict[str, set[str]] = {
 
 # External libraries and the one module that may import each.
 WRAPPED: dict[str, str] = {
-    "consul": "adapter.network.state",
+    "consul": "adapter.network.consul_kv",
     "ovsdbapp": "adapter.dataplane.ovs",
     "pyroute2": "adapter.dataplane.links",
     "docker": "adapter.network.docker_api",
@@ -123,6 +123,7 @@ def test_every_import_points_down_the_layers() -> None:
     ("adapter.network.endpoints", "import consul\n"),
     ("adapter.hooks.network", "from pyroute2 import IPRoute\n"),
     ("adapter.network.state", "from ..proxy import relay\n"),
+    ("adapter.network.networks", "import consul.aio\n"),
 ])
 def test_the_check_catches_an_import_against_the_direction(module: str, source: str) -> None:
     """The check itself can fail: each of these imports is reported."""

@@ -23,7 +23,7 @@ from adapter.errors import (
     NetworkNotFound,
     PoolExhausted,
 )
-from adapter.model import Endpoint, Host
+from adapter.model import Endpoint, Host, NetworkSpec, parse_cidr
 from adapter.network.state import State
 from adapter.settings import Settings
 from tests.support.consul import ConsulAgent
@@ -43,24 +43,25 @@ async def state(consul_settings: Settings) -> AsyncIterator[State]:
 
 async def test_create_get_list_delete(state: State) -> None:
     """A created network reads back the same by name and in the list, and is gone after rm."""
-    foo = await state.create_network("foo4", "10.6.0.0/16", mtu=1400)
+    foo = await state.networks.create(NetworkSpec.parse("foo4", "10.6.0.0/16", mtu=1400))
     assert (foo.cidr, foo.gateway, foo.mtu) == ("10.6.0.0/16", "10.6.0.1", 1400)
-    bar = await state.create_network("bar", "10.7.0.0/24", vni=5000, gateway="10.7.0.254")
-    assert await state.get_network("foo4") == foo
-    assert await state.list_networks() == [bar, foo]
+    bar = await state.networks.create(
+        NetworkSpec.parse("bar", "10.7.0.0/24", vni=5000, gateway="10.7.0.254"))
+    assert await state.networks.get("foo4") == foo
+    assert await state.networks.all() == [bar, foo]
     assert foo.vni == 256 and bar.vni == 5000  # auto VNIs start at the configured minimum
-    await state.delete_network("foo4")
+    await state.networks.delete("foo4")
     with pytest.raises(NetworkNotFound, match="'foo4'"):
-        await state.get_network("foo4")
-    assert await state.list_networks() == [bar]
+        await state.networks.get("foo4")
+    assert await state.networks.all() == [bar]
     # Name, subnet and VNI are free again.
-    again = await state.create_network("foo4", "10.6.0.0/16", vni=256)
+    again = await state.networks.create(NetworkSpec.parse("foo4", "10.6.0.0/16", vni=256))
     assert again.vni == 256
 
 
 async def test_invalid_and_conflicting_networks_change_nothing(state: State) -> None:
     """Bad input and clashes raise errors naming the problem, and nothing is created."""
-    await state.create_network("foo", "10.6.0.0/16", vni=300)
+    await state.networks.create(NetworkSpec.parse("foo", "10.6.0.0/16", vni=300))
     cases: list[tuple[dict[str, object], type[Exception], str]] = [
         ({"name": "foo", "cidr": "10.99.0.0/24"}, NetworkConflict, "'foo' already exists"),
         ({"name": "inner", "cidr": "10.6.5.0/24"}, NetworkConflict, "overlaps network 'foo'"),
@@ -76,22 +77,22 @@ async def test_invalid_and_conflicting_networks_change_nothing(state: State) -> 
     ]
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message):
-            await state.create_network(**kwargs)  # type: ignore[arg-type]
-    assert [n.name for n in await state.list_networks()] == ["foo"]
+            await state.networks.create(NetworkSpec.parse(**kwargs))  # type: ignore[arg-type]
+    assert [n.name for n in await state.networks.all()] == ["foo"]
 
 
 async def test_slash29_exhausts_and_release_is_idempotent(state: State) -> None:
     """A /29 gives exactly its 5 usable addresses, then PoolExhausted; freed ones come back."""
-    small = await state.create_network("small", "10.9.0.0/29")
-    got = [await state.allocate_address(small, container=f"c{i}", host="h1") for i in range(5)]
+    small = await state.networks.create(NetworkSpec.parse("small", "10.9.0.0/29"))
+    got = [await state.addresses.allocate(small, container=f"c{i}", host="h1") for i in range(5)]
     assert got == [f"10.9.0.{i}" for i in range(2, 7)]
     with pytest.raises(PoolExhausted, match=r"'small' \(10.9.0.0/29\).*all 5"):
-        await state.allocate_address(small, container="c5", host="h1")
-    await state.release_address("small", "10.9.0.4")
-    await state.release_address("small", "10.9.0.4")
-    await state.release_address("small", "10.9.0.99")
-    assert await state.allocate_address(small, container="c6", host="h2") == "10.9.0.4"
-    records = await state.addresses("small")
+        await state.addresses.allocate(small, container="c5", host="h1")
+    await state.addresses.release("small", "10.9.0.4")
+    await state.addresses.release("small", "10.9.0.4")
+    await state.addresses.release("small", "10.9.0.99")
+    assert await state.addresses.allocate(small, container="c6", host="h2") == "10.9.0.4"
+    records = await state.addresses.of_network("small")
     assert list(records) == got
     assert (records["10.9.0.4"].container, records["10.9.0.4"].host) == ("c6", "h2")
     assert records["10.9.0.4"].mac == "02:42:0a:09:00:04"
@@ -99,24 +100,24 @@ async def test_slash29_exhausts_and_release_is_idempotent(state: State) -> None:
 
 async def test_release_if_owned_leaves_a_reassigned_address(state: State) -> None:
     """A late release by the previous owner must not free the address its new owner holds."""
-    net = await state.create_network("owned", "10.9.1.0/29")
-    ip = await state.allocate_address(net, container="old", host="h1")
-    assert await state.release_address_if_owned("owned", ip, "old")
-    assert not await state.release_address_if_owned("owned", ip, "old")  # already free
-    assert await state.allocate_address(net, container="new", host="h1") != ip  # next-fit
-    again = await state.allocate_address(net, container="new2", host="h1")
+    net = await state.networks.create(NetworkSpec.parse("owned", "10.9.1.0/29"))
+    ip = await state.addresses.allocate(net, container="old", host="h1")
+    assert await state.addresses.release_if_owned("owned", ip, "old")
+    assert not await state.addresses.release_if_owned("owned", ip, "old")  # already free
+    assert await state.addresses.allocate(net, container="new", host="h1") != ip  # next-fit
+    again = await state.addresses.allocate(net, container="new2", host="h1")
     while again != ip:  # walk round the /29 until the freed address is handed out again
-        again = await state.allocate_address(net, container="new2", host="h1")
-    assert not await state.release_address_if_owned("owned", ip, "old")
-    assert (await state.addresses("owned"))[ip].container == "new2"
+        again = await state.addresses.allocate(net, container="new2", host="h1")
+    assert not await state.addresses.release_if_owned("owned", ip, "old")
+    assert (await state.addresses.of_network("owned"))[ip].container == "new2"
 
 
 async def test_first_address_of_a_new_network_is_dot_two(state: State) -> None:
     """Next-fit starts after the gateway, so the first container gets .2 (socketplane habit)."""
-    network = await state.network_for_cidr("10.0.6.1/24")
+    network = await state.networks.for_subnet(parse_cidr("10.0.6.1/24")[0])
     assert network.name == "net-10.0.6.0-24"
-    assert await state.allocate_address(network, container="web", host="h1") == "10.0.6.2"
-    assert await state.allocate_address(network, container="b", host="h2") == "10.0.6.3"
+    assert await state.addresses.allocate(network, container="web", host="h1") == "10.0.6.2"
+    assert await state.addresses.allocate(network, container="b", host="h2") == "10.0.6.3"
 
 
 async def test_many_states_allocating_concurrently_get_distinct_addresses(
@@ -125,14 +126,14 @@ async def test_many_states_allocating_concurrently_get_distinct_addresses(
     """Four independent clients x 30 concurrent allocations on one /24: 120 distinct IPs."""
     clients = [State(consul_settings) for _ in range(4)]
     try:
-        network = await clients[0].create_network("busy", "10.30.0.0/24")
+        network = await clients[0].networks.create(NetworkSpec.parse("busy", "10.30.0.0/24"))
         results = await asyncio.gather(*(
-            client.allocate_address(network, container=f"c{n}-{i}", host=f"h{n}")
+            client.addresses.allocate(network, container=f"c{n}-{i}", host=f"h{n}")
             for n, client in enumerate(clients) for i in range(30)
         ))
         assert len(set(results)) == 120
         assert not {"10.30.0.0", "10.30.0.1", "10.30.0.255"} & set(results)
-        assert len(await clients[1].addresses("busy")) == 120
+        assert len(await clients[1].addresses.of_network("busy")) == 120
     finally:
         for client in clients:
             await client.close()
@@ -143,12 +144,14 @@ async def test_racing_network_for_cidr_creates_one_network(consul_settings: Sett
     clients = [State(consul_settings) for _ in range(5)]
     try:
         networks = await asyncio.gather(*(
-            c.network_for_cidr(f"10.40.0.{i + 1}/24") for i, c in enumerate(clients)))
+            c.networks.for_subnet(parse_cidr(f"10.40.0.{i + 1}/24")[0])
+            for i, c in enumerate(clients)))
         assert len(set(networks)) == 1
-        assert len(await clients[0].list_networks()) == 1
+        assert len(await clients[0].networks.all()) == 1
         # Overlapping but different subnets from many clients: at most one wins.
         outcome = await asyncio.gather(*(
-            c.create_network(f"n{i}", f"10.50.{i}.0/24" if i else "10.50.0.0/16")
+            c.networks.create(
+                NetworkSpec.parse(f"n{i}", f"10.50.{i}.0/24" if i else "10.50.0.0/16"))
             for i, c in enumerate(clients)), return_exceptions=True)
         winners = [o for o in outcome if not isinstance(o, BaseException)]
         losers = [o for o in outcome if isinstance(o, BaseException)]
@@ -162,43 +165,43 @@ async def test_racing_network_for_cidr_creates_one_network(consul_settings: Sett
 
 async def test_delete_refused_while_in_use_unless_forced(state: State) -> None:
     """rm refuses a network with addresses; force removes it, its addresses and endpoints."""
-    network = await state.create_network("used", "10.10.0.0/24")
-    ip = await state.allocate_address(network, container="c1", host="h1")
-    await state.put_endpoint(Endpoint("c1", "used", ip, "02:42:0a:0a:00:02", "h1", "ovsc1"))
+    network = await state.networks.create(NetworkSpec.parse("used", "10.10.0.0/24"))
+    ip = await state.addresses.allocate(network, container="c1", host="h1")
+    await state.endpoints.put(Endpoint("c1", "used", ip, "02:42:0a:0a:00:02", "h1", "ovsc1"))
     with pytest.raises(NetworkConflict, match="'used' still has 1 address"):
-        await state.delete_network("used")
-    await state.delete_network("used", force=True)
-    assert await state.addresses("used") == {}
-    assert await state.get_endpoint("c1") is None
+        await state.networks.delete("used")
+    await state.networks.delete("used", force=True)
+    assert await state.addresses.of_network("used") == {}
+    assert await state.endpoints.get("c1") is None
     # A client still holding the old Network object cannot allocate in the deleted network.
     with pytest.raises(NetworkNotFound):
-        await state.allocate_address(network, container="c2", host="h1")
-    assert await state.addresses("used") == {}
+        await state.addresses.allocate(network, container="c2", host="h1")
+    assert await state.addresses.of_network("used") == {}
 
 
 async def test_endpoints_round_trip_and_filter_by_host(state: State) -> None:
     """Endpoints are stored per container, listed per host, and deleted idempotently."""
     one = Endpoint("aaa", "foo", "10.6.0.2", "02:42:0a:06:00:02", "h1", "ovsaaa", "sbx1")
     two = Endpoint("bbb", "foo", "10.6.0.3", "02:42:0a:06:00:03", "h2", "ovsbbb")
-    await state.put_endpoint(one)
-    await state.put_endpoint(two)
-    assert await state.get_endpoint("aaa") == one
-    assert await state.list_endpoints(host="h2") == [two]
-    assert await state.list_endpoints() == [one, two]
-    await state.delete_endpoint("aaa")
-    await state.delete_endpoint("aaa")
-    assert await state.get_endpoint("aaa") is None
-    assert await state.get_endpoint("../x") is None
+    await state.endpoints.put(one)
+    await state.endpoints.put(two)
+    assert await state.endpoints.get("aaa") == one
+    assert await state.endpoints.all(host="h2") == [two]
+    assert await state.endpoints.all() == [one, two]
+    await state.endpoints.delete("aaa")
+    await state.endpoints.delete("aaa")
+    assert await state.endpoints.get("aaa") is None
+    assert await state.endpoints.get("../x") is None
 
 
 async def test_registered_host_is_listed_and_watched(state: State) -> None:
     """watch_hosts yields at once, then on registration and on deregistration."""
-    watch = state.watch_hosts()
+    watch = state.hosts.watch()
     assert await anext(watch) == []
     host = Host("h1", "192.168.50.11", "box1", "0.1.0")
-    async with state.registered(host):
+    async with state.hosts.registered(host):
         assert await asyncio.wait_for(anext(watch), 5) == [host]
-        assert await state.list_hosts() == [host]
+        assert await state.hosts.all() == [host]
     assert await asyncio.wait_for(anext(watch), 5) == []
     await watch.aclose()
 
@@ -247,7 +250,7 @@ async def test_unreachable_consul_fails_fast_naming_the_address() -> None:
     client = State(Settings(consul_addr=f"127.0.0.1:{port}"))
     started = time.monotonic()
     with pytest.raises(ConsulUnavailable, match=f"127.0.0.1:{port}"):
-        await client.create_network("x", "10.1.0.0/24")
+        await client.networks.create(NetworkSpec.parse("x", "10.1.0.0/24"))
     assert time.monotonic() - started < 2
     await client.close()
 
@@ -281,12 +284,12 @@ async def test_acl_denied_says_so(tmp_path: Path) -> None:
             with pytest.raises(ConsulAccessDenied, match="ACL token"):
                 await client.ping()
             with pytest.raises(ConsulAccessDenied):
-                await client.create_network("x", "10.1.0.0/24")
+                await client.networks.create(NetworkSpec.parse("x", "10.1.0.0/24"))
             await client.close()
         client = State(Settings(consul_addr=agent.http_addr, consul_token="root"))
         await client.ping()
-        await client.create_network("x", "10.1.0.0/24")
-        assert [n.name for n in await client.list_networks()] == ["x"]
+        await client.networks.create(NetworkSpec.parse("x", "10.1.0.0/24"))
+        assert [n.name for n in await client.networks.all()] == ["x"]
         await client.close()
     finally:
         agent.kill()
@@ -296,7 +299,7 @@ async def test_watch_rides_out_a_consul_restart(tmp_path: Path) -> None:
     """A watch survives its Consul going away and yields again once Consul is back."""
     agent = ConsulAgent.start_dev(tmp_path)
     client = State(Settings(consul_addr=agent.http_addr))
-    watch = client.watch_networks()
+    watch = client.networks.watch()
     try:
         assert await anext(watch) == []
         agent.kill()
@@ -305,7 +308,7 @@ async def test_watch_rides_out_a_consul_restart(tmp_path: Path) -> None:
         assert not pending.done()
         await asyncio.to_thread(agent.start)  # a dev agent comes back empty: recreate state
         writer = State(Settings(consul_addr=agent.http_addr))
-        created = await writer.create_network("back", "10.60.0.0/24")
+        created = await writer.networks.create(NetworkSpec.parse("back", "10.60.0.0/24"))
         await writer.close()
         assert await asyncio.wait_for(pending, 15) == [created]
     finally:
@@ -321,13 +324,13 @@ async def test_registration_waits_for_consul_to_come_up(tmp_path: Path) -> None:
     client = State(Settings(consul_addr=agent.http_addr))
     host = Host("late", "192.168.50.12", "box2", "0.1.0")
     try:
-        async with client.registered(host):
+        async with client.hosts.registered(host):
             await asyncio.to_thread(agent.start)
             deadline = time.monotonic() + 10
-            while await client.list_hosts() != [host]:
+            while await client.hosts.all() != [host]:
                 assert time.monotonic() < deadline, "host never registered"
                 await asyncio.sleep(0.2)
-        assert await client.list_hosts() == []
+        assert await client.hosts.all() == []
     finally:
         await client.close()
         agent.kill()

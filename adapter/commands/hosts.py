@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 async def _hosts(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     state = State(load_settings(args, environ, CONSUL_OPTIONS))
     try:
-        hosts = await state.list_hosts()
+        hosts = await state.hosts.all()
     finally:
         await state.close()
     if args.json:

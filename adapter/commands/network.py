@@ -7,6 +7,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from adapter.model import NetworkSpec
 from adapter.network.state import State
 from adapter.settings import CONSUL_OPTIONS, add_options, load_settings
 
@@ -51,11 +52,11 @@ def _state(args: argparse.Namespace, environ: Mapping[str, str]) -> State:
 
 
 async def _create(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    spec = NetworkSpec.parse(args.name, args.cidr, gateway=args.gateway, vni=args.vni,
+                             mtu=args.mtu)
     state = _state(args, environ)
     try:
-        network = await state.create_network(
-            args.name, args.cidr, gateway=args.gateway, vni=args.vni, mtu=args.mtu
-        )
+        network = await state.networks.create(spec)
     finally:
         await state.close()
     print(f"{network.name}: subnet {network.cidr}, gateway {network.gateway}, "
@@ -66,8 +67,8 @@ async def _create(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 async def _list(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     state = _state(args, environ)
     try:
-        networks = await state.list_networks()
-        counts = await state.address_counts()
+        networks = await state.networks.all()
+        counts = await state.addresses.counts()
     finally:
         await state.close()
     if args.json:
@@ -87,21 +88,25 @@ async def _list(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 async def _info(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     state = _state(args, environ)
     try:
-        network = await state.get_network(args.name)
-        addresses = await state.addresses(network.name)
-        endpoints = {
-            e.container_id: e for e in await state.list_endpoints() if e.network == network.name
+        network = await state.networks.get(args.name)
+        addresses = await state.addresses.of_network(network.name)
+        # An address is held by the sandbox; the endpoint record is keyed by the app container
+        # and names its sandbox: that is the join.
+        by_sandbox = {
+            e.sandbox: e for e in await state.endpoints.all() if e.network == network.name
         }
     finally:
         await state.close()
-    # The address records are the truth for what is allocated; endpoints add the port details.
+    # The address records are the truth for what is allocated; endpoints add the app and port.
     members: list[dict[str, Any]] = []
     for ip, record in addresses.items():
-        endpoint = endpoints.get(record.container)
+        endpoint = by_sandbox.get(record.container)
+        if endpoint is not None and endpoint.ip != ip:
+            endpoint = None
         members.append({
-            "container": record.container, "ip": ip, "mac": record.mac, "host": record.host,
-            "port": endpoint.port if endpoint and endpoint.ip == ip else "",
-            "sandbox": endpoint.sandbox if endpoint and endpoint.ip == ip else "",
+            "container": endpoint.container_id if endpoint else "",
+            "sandbox": record.container, "ip": ip, "mac": record.mac, "host": record.host,
+            "port": endpoint.port if endpoint else "",
         })
     if args.json:
         print(json.dumps({**network.to_json(), "endpoints": members}, indent=2))
@@ -114,8 +119,10 @@ async def _info(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
           f"Addresses: {len(addresses)} of {network.capacity} in use")
     if members:
         print()
-        rows = [[m["container"][:12], m["ip"], m["mac"], m["host"], m["port"] or "-"]
-                for m in members]
+        # An address whose app container is not recorded yet (a create in flight) shows its
+        # sandbox instead.
+        rows = [[m["container"][:12] or f"({m['sandbox'][:12]})", m["ip"], m["mac"], m["host"],
+                 m["port"] or "-"] for m in members]
         print(format_table(["CONTAINER", "IP", "MAC", "HOST", "PORT"], rows))
     return 0
 
@@ -123,7 +130,7 @@ async def _info(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 async def _remove(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     state = _state(args, environ)
     try:
-        await state.delete_network(args.name, force=args.force)
+        await state.networks.delete(args.name, force=args.force)
     finally:
         await state.close()
     print(args.name)

@@ -59,7 +59,7 @@ async def _status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         if checks["ovs"]["ok"]:
             tunnels = await dataplane.tunnels()
             plugged = await dataplane.plugged()
-        endpoints = (await state.list_endpoints(host=settings.host_id)
+        endpoints = (await state.endpoints.all(host=settings.host_id)
                      if checks["consul"]["ok"] else [])
     finally:
         await state.close()

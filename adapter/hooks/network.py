@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-from adapter.errors import BadRequest, PowerplaneError
+from adapter.errors import BadRequest, NetworkNotFound, PowerplaneError
 from adapter.network.create_rewrite import (
     LABEL_CIDR,
     LABEL_GATEWAY,
@@ -29,9 +29,7 @@ from adapter.network.create_rewrite import (
     LABEL_NETWORK,
     LABEL_PORT,
     LABEL_SANDBOX,
-    check_compatible,
-    overlay_request,
-    rewrite_create,
+    CreateRequest,
 )
 from adapter.network.docker_api import Docker
 from adapter.network.endpoints import EndpointManager
@@ -95,29 +93,21 @@ class NetworkHook:
         return {"PowerstripProtocolVersion": 1, "ModifiedServerResponse": response}
 
     async def _pre_create(self, request: dict[str, Any]) -> dict[str, Any]:
-        body = _body(request)
-        if not isinstance(body, dict):
+        query = parse_qs(urlsplit(str(request.get("Request", ""))).query)
+        names = query.get("name")
+        create = CreateRequest.parse(_body(request), app_name=names[0] if names else None)
+        if create is None:
             return request
-        overlay = overlay_request(body)
-        if overlay is None:
-            return request
-        check_compatible(body)
         try:
-            network = await self._endpoints.resolve_network(overlay)
-        except PowerplaneError as exc:
-            if exc.status != 404:
-                raise
+            attachment = await self._endpoints.attach(create)
+        except NetworkNotFound as exc:
             # The docker CLI takes a 404 from create for "image not found" and would try to
             # pull it: a missing network must be a 400.
             raise BadRequest(exc.message) from None
-        query = parse_qs(urlsplit(str(request.get("Request", ""))).query)
-        names = query.get("name")
-        app_name = names[0] if names else None
-        attachment = await self._endpoints.attach(network, body, app_name=app_name)
-        labels = attachment.app_labels(self._endpoints.host_id)
-        rewritten = rewrite_create(body, sandbox_id=attachment.sandbox_id, labels=labels)
-        log.info("create%s joins %s at %s", f" {app_name}" if app_name else "", network.name,
-                 attachment.ip)
+        rewritten = create.rewritten(sandbox_id=attachment.sandbox_id,
+                                     labels=attachment.app_labels(self._endpoints.host_id))
+        log.info("create%s joins %s at %s", f" {create.app_name}" if create.app_name else "",
+                 attachment.network.name, attachment.ip)
         return {**request, "Body": _encode_like(request.get("Body"), rewritten)}
 
     async def _post_create(self, request: Mapping[str, Any], response: Mapping[str, Any],

@@ -134,7 +134,7 @@ class HostAgent:
         sandbox_of_app = {app_id: (c.get("Labels") or {})[LABEL_SANDBOX]
                           for app_id, c in apps.items()}
         used_sandboxes = set(sandbox_of_app.values())
-        endpoints = {e.container_id: e for e in await self._state.list_endpoints(host=self._host)}
+        endpoints = {e.container_id: e for e in await self._state.endpoints.all(host=self._host)}
 
         for app_id, endpoint in endpoints.items():
             if app_id not in apps:
@@ -173,8 +173,8 @@ class HostAgent:
                 await self._endpoints.replug(sandbox_id, sandboxes[sandbox_id].get("Labels") or {})
                 report.replugged.append(sandbox_id[:12])
 
-        for network in await self._state.list_networks():
-            for ip, record in (await self._state.addresses(network.name)).items():
+        for network in await self._state.networks.all():
+            for ip, record in (await self._state.addresses.of_network(network.name)).items():
                 if (record.host == self._host and record.container not in live
                         and not self._endpoints.is_pending(record.container)):
                     await self._endpoints.release_if_owned(network.name, ip, record.container)

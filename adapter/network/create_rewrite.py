@@ -1,17 +1,21 @@
 """How a ``POST /containers/create`` body changes when the container joins an overlay network.
 
-Pure functions over the JSON body Docker's API takes; no I/O. The network hook calls them
-before anything is allocated, so a request they reject leaves nothing behind.
+Pure functions over the JSON body Docker's API takes; no I/O. ``CreateRequest.parse`` reads the
+body once, where it comes in: which network (``SOCKETPLANE_*``, the CIDR parsed here and nowhere
+else), whether the options are compatible, what the sandbox takes over. It runs before anything
+is allocated, so a request it rejects leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import copy
+import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from adapter.errors import BadRequest
+from adapter.model import parse_cidr
 from adapter.network.docker_api import SandboxSpec
 
 CIDR_VAR = "SOCKETPLANE_CIDR"
@@ -36,10 +40,19 @@ DEFAULT_NETWORK_MODES = {"", "default", "bridge"}
 
 @dataclass(frozen=True, slots=True)
 class OverlayRequest:
-    """What the client asked for through the SOCKETPLANE_* environment variables."""
+    """What the client asked for through the SOCKETPLANE_* environment variables.
+
+    ``cidr`` is the text as given (for messages); ``subnet`` is it parsed, once, on creation:
+    a malformed value is refused here, before anything is allocated.
+    """
 
     cidr: str | None
     network: str | None
+    subnet: ipaddress.IPv4Network | None = field(
+        init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "subnet", parse_cidr(self.cidr)[0] if self.cidr else None)
 
 
 def overlay_request(body: Mapping[str, Any]) -> OverlayRequest | None:
@@ -115,3 +128,32 @@ def rewrite_create(body: Mapping[str, Any], *, sandbox_id: str,
     rewritten.pop("NetworkingConfig", None)
     rewritten["Labels"] = {**(rewritten.get("Labels") or {}), **labels}
     return rewritten
+
+
+@dataclass(frozen=True, slots=True)
+class CreateRequest:
+    """One overlay create, read once at the edge; the layers below take this value."""
+
+    overlay: OverlayRequest
+    body: Mapping[str, Any]
+    app_name: str | None
+
+    @classmethod
+    def parse(cls, body: Any, *, app_name: str | None) -> CreateRequest | None:
+        """The overlay create ``body`` asks for; None when it asks for none (not our business).
+
+        BadRequest or InvalidNetwork for a request that cannot work, before anything happens.
+        """
+        if not isinstance(body, Mapping):
+            return None
+        overlay = overlay_request(body)
+        if overlay is None:
+            return None
+        check_compatible(body)
+        return cls(overlay, body, app_name)
+
+    def sandbox(self, *, image: str, labels: Mapping[str, str]) -> SandboxSpec:
+        return sandbox_spec(self.body, image=image, name=self.app_name, labels=labels)
+
+    def rewritten(self, *, sandbox_id: str, labels: Mapping[str, str]) -> dict[str, Any]:
+        return rewrite_create(self.body, sandbox_id=sandbox_id, labels=labels)

@@ -19,10 +19,10 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from adapter.errors import BadRequest, NetworkNotFound, PowerplaneError
-from adapter.model import Endpoint, Network, parse_cidr
+from adapter.model import Endpoint, Network
 from adapter.network.create_rewrite import (
     LABEL_APP_NAME,
     LABEL_CIDR,
@@ -35,8 +35,8 @@ from adapter.network.create_rewrite import (
     LABEL_ROLE,
     LABEL_SANDBOX,
     SANDBOX_ROLE,
+    CreateRequest,
     OverlayRequest,
-    sandbox_spec,
 )
 from adapter.network.docker_api import Docker
 from adapter.network.readiness import DATAPLANE, Readiness
@@ -127,26 +127,25 @@ class EndpointManager:
         """The network a SOCKETPLANE_* request names: joined by name, or by subnet (created)."""
         if request.network is not None:
             try:
-                network = await self._state.get_network(request.network)
+                network = await self._state.networks.get(request.network)
             except NetworkNotFound:
                 raise NetworkNotFound(
                     f"network {request.network!r} (SOCKETPLANE_NETWORK) does not exist: create "
                     f"it with `powerplane network create {request.network} CIDR`, or use "
                     f"SOCKETPLANE_CIDR") from None
-            if request.cidr is not None:
-                subnet, _ = parse_cidr(request.cidr)
-                if str(subnet) != network.cidr:
-                    raise BadRequest(
-                        f"SOCKETPLANE_NETWORK={request.network} has subnet {network.cidr}, but "
-                        f"SOCKETPLANE_CIDR={request.cidr} asks for {subnet}: give one or make "
-                        f"them agree")
+            if request.subnet is not None and request.subnet != network.subnet:
+                raise BadRequest(
+                    f"SOCKETPLANE_NETWORK={request.network} has subnet {network.cidr}, but "
+                    f"SOCKETPLANE_CIDR={request.cidr} asks for {request.subnet}: give one or "
+                    f"make them agree")
             return network
-        assert request.cidr is not None
-        return await self._state.network_for_cidr(request.cidr)
+        assert request.subnet is not None
+        return await self._state.networks.for_subnet(request.subnet)
 
-    async def attach(self, network: Network, body: Mapping[str, Any], *,
-                     app_name: str | None) -> Attachment:
-        """Make a started, plugged sandbox with an address; undo everything if any step fails."""
+    async def attach(self, request: CreateRequest) -> Attachment:
+        """Find (or create) the network, then make a started, plugged sandbox with an address
+        on it; undo everything if any step fails."""
+        network = await self.resolve_network(request.overlay)
         if self._readiness is not None:
             await self._readiness.wait_for(DATAPLANE, self._settings.dataplane_wait)
         labels = {
@@ -154,15 +153,14 @@ class EndpointManager:
             LABEL_NETWORK: network.name,
             LABEL_HOST: self.host_id,
         }
-        if app_name:
-            labels[LABEL_APP_NAME] = app_name
-        spec = sandbox_spec(body, image=self._settings.sandbox_image, name=app_name,
-                            labels=labels)
+        if request.app_name:
+            labels[LABEL_APP_NAME] = request.app_name
+        spec = request.sandbox(image=self._settings.sandbox_image, labels=labels)
         sandbox_id = await self._docker.create_sandbox(spec)
         self._pending[sandbox_id] = time.monotonic() + PENDING_GRACE_SECONDS
         ip: str | None = None
         try:
-            ip = await self._state.allocate_address(network, container=sandbox_id,
+            ip = await self._state.addresses.allocate(network, container=sandbox_id,
                                                     host=self.host_id)
             # Held so the agent's re-plug on the sandbox's `start` event waits for this plug.
             async with self._lock(sandbox_id):
@@ -184,7 +182,7 @@ class EndpointManager:
     async def commit(self, *, app_id: str, network: str, ip: str, mac: str, port: str,
                      sandbox_id: str) -> None:
         """The app container exists: record the endpoint under its id."""
-        await self._state.put_endpoint(Endpoint(
+        await self._state.endpoints.put(Endpoint(
             container_id=app_id, network=network, ip=ip, mac=mac, host=self.host_id,
             port=port, sandbox=sandbox_id))
         self._pending.pop(sandbox_id, None)
@@ -223,19 +221,19 @@ class EndpointManager:
 
     async def release_if_owned(self, network: str, ip: str, owner: str) -> None:
         """Release ``ip`` unless it has been handed to someone else since."""
-        await self._state.release_address_if_owned(network, ip, owner)
+        await self._state.addresses.release_if_owned(network, ip, owner)
 
     async def detach(self, endpoint: Endpoint) -> None:
         """The app is gone: unplug, remove its sandbox, release the address, drop the record."""
         self._sandbox_of_app.pop(endpoint.container_id, None)
         await self._remove_sandbox(endpoint.sandbox, endpoint.network, endpoint.ip)
-        await self._state.delete_endpoint(endpoint.container_id)
+        await self._state.endpoints.delete(endpoint.container_id)
         log.info("released %s on %s (container %s)", endpoint.ip, endpoint.network,
                  endpoint.container_id[:12])
 
     async def detach_app(self, app_id: str) -> bool:
         """Detach the endpoint recorded for ``app_id``, if any; True when there was one."""
-        endpoint = await self._state.get_endpoint(app_id)
+        endpoint = await self._state.endpoints.get(app_id)
         if endpoint is None or endpoint.host != self.host_id:
             return False
         await self.detach(endpoint)
@@ -263,7 +261,7 @@ class EndpointManager:
             pid = await self._docker.running_pid(sandbox_id)
             if pid is None:
                 return
-            network = await self._state.get_network(network_name)
+            network = await self._state.networks.get(network_name)
             ip = await self._address_of(network.name, sandbox_id)
             if ip is None:
                 log.warning("sandbox %s holds no address on %s; leaving it to reconciliation",
@@ -279,7 +277,7 @@ class EndpointManager:
 
     async def _address_of(self, network: str, sandbox_id: str) -> str | None:
         try:
-            addresses = await self._state.addresses(network)
+            addresses = await self._state.addresses.of_network(network)
         except NetworkNotFound:
             return None
         for ip, record in addresses.items():

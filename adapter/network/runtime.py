@@ -92,9 +92,12 @@ async def _registered(state: State, host: Host, readiness: Readiness,
     backoff = RETRY_MIN_SECONDS
     while True:
         try:
-            async with state.registered(host, on_registered=lambda: readiness.mark_up(CONSUL)):
+            registered = state.hosts.registered(
+                host, on_registered=lambda: readiness.mark_up(CONSUL))
+            async with registered:
                 if host.underlay_ip:
-                    await TunnelReconciler(dataplane, state).run()
+                    await TunnelReconciler(dataplane, hosts=state.hosts,
+                                           networks=state.networks).run()
                 else:
                     await asyncio.Event().wait()  # nothing to follow; hold the session
         except PowerplaneError as exc:

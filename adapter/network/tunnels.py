@@ -17,7 +17,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from adapter.dataplane.switch import DataPlane, TunnelChange
 from adapter.errors import PowerplaneError
@@ -28,12 +28,10 @@ log = logging.getLogger(__name__)
 DISCARD_PORT = 9  # RFC 863: nothing answers, nothing is disturbed
 
 
-class HostRegistry(Protocol):
-    """What the reconciler needs from ``adapter.network.state.State``."""
+class Follows(Protocol):
+    """A list in Consul followed with blocking queries (``Hosts`` and ``Networks`` are)."""
 
-    def watch_hosts(self) -> AsyncIterator[list[Host]]: ...
-
-    def watch_networks(self) -> AsyncIterator[list[Network]]: ...
+    def watch(self) -> AsyncIterator[list[Any]]: ...
 
 
 def prime_peer(remote_ip: str) -> None:
@@ -47,9 +45,10 @@ def prime_peer(remote_ip: str) -> None:
 class TunnelReconciler:
     """Runs until cancelled: every host or network change becomes one ``set_tunnels`` call."""
 
-    def __init__(self, dataplane: DataPlane, registry: HostRegistry) -> None:
+    def __init__(self, dataplane: DataPlane, *, hosts: Follows, networks: Follows) -> None:
         self.dataplane = dataplane
-        self.registry = registry
+        self._host_list = hosts
+        self._network_list = networks
         self.hosts: list[Host] | None = None
         self.networks: list[Network] | None = None
         self._changed = asyncio.Event()
@@ -66,12 +65,12 @@ class TunnelReconciler:
         return change
 
     async def _follow_hosts(self) -> None:
-        async for hosts in self.registry.watch_hosts():
+        async for hosts in self._host_list.watch():
             self.hosts = hosts
             self._changed.set()
 
     async def _follow_networks(self) -> None:
-        async for networks in self.registry.watch_networks():
+        async for networks in self._network_list.watch():
             self.networks = networks
             self._changed.set()
 

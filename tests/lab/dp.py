@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from adapter.dataplane.switch import DataPlane
-from adapter.model import Host, Network
+from adapter.model import Host, Network, NetworkSpec
 from adapter.network.state import State
 from adapter.settings import CONSUL_OPTIONS, SERVE_OPTIONS, load_settings
 
@@ -46,7 +46,8 @@ async def run(ops: list[dict[str, Any]]) -> list[Any]:
                     [Network.from_json(n) for n in op["networks"]])
                 results.append(dataclasses.asdict(change))
             elif kind == "create_network":
-                network = await state.create_network(op["name"], op["cidr"], vni=op.get("vni"))
+                network = await state.networks.create(
+                    NetworkSpec.parse(op["name"], op["cidr"], vni=op.get("vni")))
                 results.append(network.to_json())
             else:
                 raise ValueError(f"unknown operation {kind!r}")

@@ -26,7 +26,7 @@ import sys
 import time
 
 from adapter.errors import ConsulUnavailable, PowerplaneError
-from adapter.model import Host
+from adapter.model import Host, parse_cidr
 from adapter.network.state import State
 from adapter.settings import Settings
 
@@ -48,8 +48,8 @@ async def _allocate(state: State, args: argparse.Namespace) -> None:
         await asyncio.sleep(random.uniform(0.0, args.spread))
         while True:
             try:
-                network = await state.get_network(args.network)
-                ip = await state.allocate_address(network, container=container, host=args.tag)
+                network = await state.networks.get(args.network)
+                ip = await state.addresses.allocate(network, container=container, host=args.tag)
             except ConsulUnavailable as exc:
                 if time.monotonic() > deadline:
                     failed.append(f"{container}: {exc}")
@@ -75,14 +75,14 @@ async def _main(args: argparse.Namespace) -> None:
         if args.command == "allocate":
             await _allocate(state, args)
         elif args.command == "network-for-cidr":
-            network = await state.network_for_cidr(args.cidr)
+            network = await state.networks.for_subnet(parse_cidr(args.cidr)[0])
             _emit(network.to_json())
         elif args.command == "addresses":
-            records = await state.addresses(args.network)
+            records = await state.addresses.of_network(args.network)
             _emit({ip: record.container for ip, record in records.items()})
         elif args.command == "register":
             host = Host(args.host_id, args.ip, f"host-{args.host_id}", "test")
-            async with state.registered(host):
+            async with state.hosts.registered(host):
                 _emit({"registered": args.host_id})
                 await asyncio.Event().wait()
     finally:

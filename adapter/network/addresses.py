@@ -1,0 +1,129 @@
+"""IPAM: each network's addresses in Consul, claimed race-free across hosts.
+
+    addresses/<network>/<ip>   {container, host, mac, created}
+    ipam/<network>             next host offset to try (a hint: correctness never depends on it)
+
+Uniqueness is Consul's doing, never ours: every claim is a create-only write (``cas=0``) inside
+a transaction that also checks the network still exists, so two hosts asking at the same moment
+cannot both win. Next-fit from the hint keeps an allocation at two round trips whatever the
+fill level (docs/state.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from adapter.errors import NetworkNotFound, PoolExhausted
+from adapter.model import AddressRecord, Network, mac_for_ip
+from adapter.network.consul_kv import ConsulKV, dump, safe_key
+
+# Addresses tried from the hint before falling back to one listing of the network's keys.
+HINT_PROBES = 8
+# Networks this small are cheaper to list than to probe.
+SMALL_NETWORK = 64
+
+
+class Addresses:
+    """Allocation and release of overlay addresses."""
+
+    def __init__(self, kv: ConsulKV) -> None:
+        self._kv = kv
+        # Allocations for one network from this process go one at a time: contention is then
+        # only between hosts, and a burst of local requests costs no failed claims.
+        self._allocation_locks: dict[str, asyncio.Lock] = {}
+
+    async def allocate(self, network: Network, *, container: str, host: str) -> str:
+        """Claim a free address of ``network`` for ``container``; PoolExhausted when none is left.
+
+        Only after ``HINT_PROBES`` taken addresses in a row does it list the network's keys, once.
+        """
+        lock = self._allocation_locks.setdefault(network.name, asyncio.Lock())
+        async with lock:
+            if network.capacity > SMALL_NETWORK:
+                hint = await self._hint(network)
+                for step in range(HINT_PROBES):
+                    offset = (hint + step) % network.size
+                    ip = network.host_address(offset)
+                    if ip == network.gateway:
+                        continue
+                    if await self._claim(network, ip, offset, container, host):
+                        return ip
+            return await self._claim_from_listing(network, container, host)
+
+    async def _hint(self, network: Network) -> int:
+        text = await self._kv.get_text(f"ipam/{network.name}")
+        try:
+            return int(text) % network.size if text else 0
+        except ValueError:
+            return 0
+
+    async def _claim(
+        self, network: Network, ip: str, offset: int, container: str, host: str
+    ) -> bool:
+        record = AddressRecord(ip=ip, container=container, host=host, mac=mac_for_ip(ip))
+        result = await self._kv.txn([
+            self._kv.op("get", f"networks/{network.name}"),
+            self._kv.op("cas", f"addresses/{network.name}/{ip}", dump(record.to_json()), 0),
+            self._kv.op("set", f"ipam/{network.name}", str((offset + 1) % network.size)),
+        ])
+        if 0 in result.failed:
+            # Consul's own words say which check failed: a missing network, or something else.
+            raise NetworkNotFound(f"network {network.name!r} not found while claiming {ip} "
+                                  f"(Consul: {result.failed[0] or 'no reason given'})")
+        return result.ok
+
+    async def _claim_from_listing(self, network: Network, container: str, host: str) -> str:
+        taken = set(await self._kv.keys(f"addresses/{network.name}/"))
+        start = await self._hint(network)
+        for ip in network.assignable(start):
+            if ip in taken:
+                continue
+            if await self._claim(network, ip, network.host_offset(ip), container, host):
+                return ip
+        raise PoolExhausted(
+            f"network {network.name!r} ({network.cidr}) has no free address: all "
+            f"{network.capacity} are allocated"
+        )
+
+    async def release(self, network: str, ip: str) -> None:
+        """Free an address; releasing a free address is not an error."""
+        if safe_key(network) and safe_key(ip):
+            await self._kv.delete(f"addresses/{network}/{ip}")
+
+    async def release_if_owned(self, network: str, ip: str, owner: str) -> bool:
+        """Free ``ip`` only while ``owner`` holds it: one read, then a delete checked against
+        that read's index, so an address handed to someone else meanwhile stays theirs."""
+        if not (safe_key(network) and safe_key(ip)):
+            return False
+        key = f"addresses/{network}/{ip}"
+        found = await self._kv.get(key)
+        if found is None or not isinstance(found[0], dict):
+            return False
+        if AddressRecord.from_json(ip, found[0]).container != owner:
+            return False
+        return await self._kv.delete_if_unchanged(key, found[1])
+
+    async def of_network(self, network: str) -> dict[str, AddressRecord]:
+        """Every allocated address of ``network`` with its holder, in address order."""
+        items = await self._kv.items(f"addresses/{network}/")
+        return {
+            ip: AddressRecord.from_json(ip, value)
+            for ip, value in sorted(items.items(), key=lambda kv: ip_sort_key(kv[0]))
+            if isinstance(value, dict)
+        }
+
+    async def counts(self) -> dict[str, int]:
+        """How many addresses each network has allocated, from one key listing."""
+        counts: dict[str, int] = {}
+        for key in await self._kv.keys("addresses/"):
+            network, _, ip = key.partition("/")
+            if ip:
+                counts[network] = counts.get(network, 0) + 1
+        return counts
+
+
+def ip_sort_key(ip: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(octet) for octet in ip.split("."))
+    except ValueError:
+        return (1 << 32,)

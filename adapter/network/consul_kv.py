@@ -1,0 +1,269 @@
+"""Consul's KV store and sessions, behind domain-free verbs: the only module that imports consul.
+
+Every key is relative to ``settings.consul_prefix``; every value is JSON unless a verb says text.
+Every library or transport error is translated here, once, into ``adapter.errors``:
+``ConsulUnavailable`` (no answer, no leader, 5xx), ``ConsulAccessDenied`` (ACL) or
+``StateError``. A refused create-only write or a failed check is a result, never an exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiohttp
+import consul.aio
+from consul import ConsulException
+from consul.base import Response
+from consul.exceptions import ACLDisabled, ACLPermissionDenied, NotFound
+from consul.exceptions import Timeout as ConsulTimeout
+
+from adapter.errors import ConsulAccessDenied, ConsulUnavailable, StateError
+from adapter.settings import Settings
+
+T = TypeVar("T")
+
+# Fail fast: a create that needs Consul must not hang the Docker client.
+REQUEST_TIMEOUT = 5.0
+# Blocking queries wait this long on the server before answering "no change".
+WATCH_WAIT_SECONDS = 30
+
+TxnOp = dict[str, dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class TxnResult:
+    """Outcome of one transaction: committed, or the failed operations' indexes and reasons."""
+
+    ok: bool
+    failed: Mapping[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """Every key under a folder (relative to it) with its JSON value, and Consul's index."""
+
+    items: dict[str, Any]
+    index: int
+
+
+def dump(data: Mapping[str, Any]) -> str:
+    """The JSON text Powerplane stores: compact, keys sorted (stable for CAS comparisons)."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+def safe_key(part: str) -> bool:
+    """True if ``part`` can only name one key (no traversal into other keys)."""
+    return bool(part) and "/" not in part and part not in (".", "..")
+
+
+class ConsulKV:
+    """One Consul agent's KV and session API; lazy: constructing it touches nothing."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.prefix = settings.consul_prefix
+        self._client: consul.aio.Consul | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self._settings.consul_scheme}://{self._settings.consul_addr}"
+
+    def _consul(self) -> consul.aio.Consul:
+        if self._client is None:
+            host, port = _split_addr(self._settings.consul_addr)
+            client = consul.aio.Consul(
+                host=host, port=port, scheme=self._settings.consul_scheme, verify=True
+            )
+            # py-consul prefers CONSUL_HTTP_TOKEN from the environment; Settings already merged it.
+            client.token = self._settings.consul_token
+            self._client = client
+        return self._client
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+    async def _call(
+        self, request: Callable[[consul.aio.Consul], Awaitable[T]], *,
+        seconds: float = REQUEST_TIMEOUT,
+    ) -> T:
+        """Run one request; translate every failure into the adapter.errors tree."""
+        where = self.address
+        try:
+            async with asyncio.timeout(seconds):
+                return await request(self._consul())
+        except (ACLPermissionDenied, ACLDisabled) as exc:
+            raise ConsulAccessDenied(
+                f"Consul at {where} denied access: the ACL token is missing or lacks rights "
+                f"({_first_line(exc)})"
+            ) from None
+        except (TimeoutError, ConsulTimeout):
+            raise ConsulUnavailable(
+                f"Consul at {where} did not answer within {seconds:g} s"
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            reason = exc.os_error.strerror or str(exc.os_error)
+            raise ConsulUnavailable(f"Consul at {where} is unreachable: {reason}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ConsulUnavailable(
+                f"Consul at {where} is unreachable: {_first_line(exc) or type(exc).__name__}"
+            ) from None
+        except ConsulException as exc:
+            text = _first_line(exc)
+            if "no cluster leader" in text.lower() or text.startswith("5"):
+                raise ConsulUnavailable(f"Consul at {where} cannot serve: {text}") from None
+            raise StateError(f"Consul at {where} failed: {text}") from None
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def get(self, key: str) -> tuple[Any, int] | None:
+        """The JSON value of ``key`` and its ModifyIndex, or None."""
+        _, item = await self._call(lambda c: c.kv.get(self.prefix + key))
+        if item is None:
+            return None
+        return _loads(item.get("Value")), int(item["ModifyIndex"])
+
+    async def get_text(self, key: str) -> str | None:
+        _, item = await self._call(lambda c: c.kv.get(self.prefix + key))
+        if item is None or item.get("Value") is None:
+            return None
+        value: bytes = item["Value"]
+        return value.decode()
+
+    async def holder(self, key: str) -> str | None:
+        """The session holding ``key``'s lock, if any."""
+        _, item = await self._call(lambda c: c.kv.get(self.prefix + key))
+        session = (item or {}).get("Session")
+        return str(session) if session else None
+
+    async def items(self, folder: str) -> dict[str, Any]:
+        """Every key under ``folder`` (relative to it) with its JSON value."""
+        _, items = await self._call(lambda c: c.kv.get(self.prefix + folder, recurse=True))
+        return _by_key(self.prefix + folder, items)
+
+    async def keys(self, folder: str) -> list[str]:
+        _, keys = await self._call(lambda c: c.kv.get(self.prefix + folder, keys=True))
+        start = len(self.prefix + folder)
+        return [key[start:] for key in keys or ()]
+
+    async def wait_for_change(self, folder: str, index: int | None) -> Listing:
+        """A blocking query: the folder once its index passes ``index`` (or after the wait)."""
+        prefix = self.prefix + folder
+
+        def request(c: consul.aio.Consul) -> Any:
+            return c.kv.get(prefix, recurse=True, index=index, wait=f"{WATCH_WAIT_SECONDS}s")
+
+        new_index, items = await self._call(request,
+                                            seconds=WATCH_WAIT_SECONDS + REQUEST_TIMEOUT)
+        return Listing(_by_key(prefix, items), int(new_index))
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def put(self, key: str, value: Mapping[str, Any]) -> None:
+        await self._call(lambda c: c.kv.put(self.prefix + key, dump(value)))
+
+    async def delete(self, key: str) -> None:
+        await self._call(lambda c: c.kv.delete(self.prefix + key))
+
+    async def delete_if_unchanged(self, key: str, index: int) -> bool:
+        """Delete ``key`` only if its ModifyIndex is still ``index``; False otherwise."""
+        deleted: bool = await self._call(lambda c: c.kv.delete(self.prefix + key, cas=index))
+        return deleted
+
+    async def txn(self, ops: list[TxnOp]) -> TxnResult:
+        """Apply ``ops`` atomically; a failed check or CAS is a result, not an exception."""
+
+        def parse(response: Response) -> TxnResult:
+            if response.code == 200:
+                return TxnResult(True)
+            if response.code == 409:
+                try:
+                    errors = json.loads(response.body).get("Errors") or []
+                except (ValueError, AttributeError):
+                    raise ConsulException(f"409 {response.body}") from None
+                return TxnResult(
+                    False, {int(e.get("OpIndex", -1)): str(e.get("What", "")) for e in errors}
+                )
+            if response.code in (401, 403):
+                raise ACLPermissionDenied(response.body)
+            raise ConsulException(f"{response.code} {response.body}")
+
+        def request(c: consul.aio.Consul) -> Awaitable[TxnResult]:
+            # The library's txn helper sends no ACL token, so go through its HTTP layer directly.
+            result: Awaitable[TxnResult] = c.http.put(
+                parse, "/v1/txn", data=json.dumps(ops), headers=c.prepare_headers()
+            )
+            return result
+
+        return await self._call(request)
+
+    def op(self, verb: str, key: str, value: str | None = None, index: int | None = None) -> TxnOp:
+        """One transaction operation on ``key`` (verbs as Consul's /v1/txn names them)."""
+        body: dict[str, Any] = {"Verb": verb, "Key": self.prefix + key}
+        if value is not None:
+            body["Value"] = base64.b64encode(value.encode()).decode()
+        if index is not None:
+            body["Index"] = index
+        return {"KV": body}
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    async def create_session(self, name: str, ttl: int) -> str:
+        """A session that deletes the keys it holds when it expires."""
+        session: str = await self._call(lambda c: c.session.create(
+            name=name, behavior="delete", ttl=ttl, lock_delay=0, checks=[]))
+        return session
+
+    async def renew_session(self, session: str) -> bool:
+        """Renew ``session``; False if Consul no longer knows it."""
+        return await self._call(lambda c: _renew(c, session)) is not None
+
+    async def destroy_session(self, session: str) -> None:
+        await self._call(lambda c: c.session.destroy(session))
+
+    async def acquire(self, key: str, value: Mapping[str, Any], session: str) -> bool:
+        """Write ``key`` held by ``session``; False if another session holds it."""
+        acquired: bool = await self._call(
+            lambda c: c.kv.put(self.prefix + key, dump(value), acquire=session))
+        return acquired
+
+
+async def _renew(client: consul.aio.Consul, session: str) -> Any:
+    try:
+        return await client.session.renew(session)
+    except NotFound:
+        return None
+
+
+def _split_addr(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        return addr.strip("[]"), 8500
+    return host.strip("[]"), int(port)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _loads(raw: bytes | None) -> Any:
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return raw.decode(errors="replace")
+
+
+def _by_key(prefix: str, items: list[dict[str, Any]] | None) -> dict[str, Any]:
+    return {item["Key"][len(prefix):]: _loads(item.get("Value")) for item in items or ()}
+

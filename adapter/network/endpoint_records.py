@@ -1,0 +1,54 @@
+"""Endpoint records in Consul: ``endpoints/<container-id>``, the record cleanup works from."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from adapter.model import Endpoint
+from adapter.network.addresses import ip_sort_key
+from adapter.network.consul_kv import ConsulKV, safe_key
+
+log = logging.getLogger(__name__)
+
+
+class EndpointRecords:
+    """Which container holds which address on which host and port."""
+
+    def __init__(self, kv: ConsulKV) -> None:
+        self._kv = kv
+
+    async def put(self, endpoint: Endpoint) -> None:
+        await self._kv.put(f"endpoints/{endpoint.container_id}", endpoint.to_json())
+
+    async def get(self, container_id: str) -> Endpoint | None:
+        if not safe_key(container_id):
+            return None
+        found = await self._kv.get(f"endpoints/{container_id}")
+        if found is None or not isinstance(found[0], dict):
+            return None
+        return _endpoint(container_id, found[0])
+
+    async def delete(self, container_id: str) -> None:
+        if safe_key(container_id):
+            await self._kv.delete(f"endpoints/{container_id}")
+
+    async def all(self, *, host: str | None = None) -> list[Endpoint]:
+        """Every endpoint (of ``host``, if given), by network and address."""
+        endpoints = [
+            endpoint
+            for container_id, value in (await self._kv.items("endpoints/")).items()
+            if isinstance(value, dict)
+            and (endpoint := _endpoint(container_id, value)) is not None
+            and (host is None or endpoint.host == host)
+        ]
+        return sorted(endpoints, key=lambda e: (e.network, ip_sort_key(e.ip)))
+
+
+def _endpoint(container_id: str, data: Mapping[str, Any]) -> Endpoint | None:
+    try:
+        return Endpoint.from_json(container_id, data)
+    except ValueError:
+        log.warning("ignoring malformed endpoint record %s", container_id)
+        return None
