@@ -51,7 +51,8 @@ class Addresses:
             return await self._claim_from_listing(network, container, host)
 
     async def _hint(self, network: Network) -> int:
-        text = await self._kv.get_text(f"ipam/{network.name}")
+        # Only a hint: a stale one costs a failed claim, never a wrong one.
+        text = await self._kv.get_text(f"ipam/{network.name}", consistent=False)
         try:
             return int(text) % network.size if text else 0
         except ValueError:

@@ -4,6 +4,16 @@ Every key is relative to ``settings.consul_prefix``; every value is JSON unless 
 Every library or transport error is translated here, once, into ``adapter.errors``:
 ``ConsulUnavailable`` (no answer, no leader, 5xx), ``ConsulAccessDenied`` (ACL) or
 ``StateError``. A refused create-only write or a failed check is a result, never an exception.
+
+Consistency, per read: a single-key ``get`` is consistent by default (the leader confirms it is
+still the leader and has applied its whole log), because those reads decide what a write does
+next: does the network exist, who holds this address. A leader elected a moment ago answers them
+"not ready" rather than from a state store still being replayed, which would turn "could not
+read" into "does not exist". Listings for display and watches may be stale-ish (default mode).
+
+Elections: while a cluster has no leader, or its new leader is not ready, Consul answers 500.
+Those answers, and a connection reset mid-request, are retried with backoff for up to
+``ELECTION_RETRY_SECONDS``; an agent that refuses connections (Consul down here) fails at once.
 """
 
 from __future__ import annotations
@@ -30,6 +40,10 @@ T = TypeVar("T")
 
 # Fail fast: a create that needs Consul must not hang the Docker client.
 REQUEST_TIMEOUT = 5.0
+# An election takes about a second with raft_multiplier 1 and up to ~10 s with Consul's default.
+ELECTION_RETRY_SECONDS = 12.0
+RETRY_BACKOFF_MIN = 0.05
+RETRY_BACKOFF_MAX = 1.0
 # Blocking queries wait this long on the server before answering "no change".
 WATCH_WAIT_SECONDS = 30
 
@@ -57,6 +71,10 @@ def dump(data: Mapping[str, Any]) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
+class _Transient(ConsulUnavailable):
+    """Consul answered "not now" (an election, a reset connection): worth asking again."""
+
+
 def safe_key(part: str) -> bool:
     """True if ``part`` can only name one key (no traversal into other keys)."""
     return bool(part) and "/" not in part and part not in (".", "..")
@@ -69,6 +87,7 @@ class ConsulKV:
         self._settings = settings
         self.prefix = settings.consul_prefix
         self._client: consul.aio.Consul | None = None
+        self.retries = 0  # requests asked again because of an election, since start
 
     @property
     def address(self) -> str:
@@ -93,9 +112,27 @@ class ConsulKV:
 
     async def _call(
         self, request: Callable[[consul.aio.Consul], Awaitable[T]], *,
-        seconds: float = REQUEST_TIMEOUT,
+        seconds: float = REQUEST_TIMEOUT, retry: bool = True,
     ) -> T:
-        """Run one request; translate every failure into the adapter.errors tree."""
+        """Run one request, asking again through an election; errors as adapter.errors."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ELECTION_RETRY_SECONDS
+        backoff = RETRY_BACKOFF_MIN
+        while True:
+            try:
+                return await self._call_once(request, seconds)
+            except _Transient as exc:
+                if not retry or loop.time() + backoff > deadline:
+                    raise ConsulUnavailable(
+                        f"{exc.message} (still after {ELECTION_RETRY_SECONDS:g} s)"
+                        if retry else exc.message) from None
+                self.retries += 1
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, RETRY_BACKOFF_MAX)
+
+    async def _call_once(
+        self, request: Callable[[consul.aio.Consul], Awaitable[T]], seconds: float
+    ) -> T:
         where = self.address
         try:
             async with asyncio.timeout(seconds):
@@ -112,27 +149,33 @@ class ConsulKV:
         except aiohttp.ClientConnectorError as exc:
             reason = exc.os_error.strerror or str(exc.os_error)
             raise ConsulUnavailable(f"Consul at {where} is unreachable: {reason}") from None
+        except (aiohttp.ServerDisconnectedError, ConnectionResetError) as exc:
+            raise _Transient(
+                f"Consul at {where} dropped the connection: {_first_line(exc) or 'reset'}"
+            ) from None
         except (aiohttp.ClientError, OSError) as exc:
             raise ConsulUnavailable(
                 f"Consul at {where} is unreachable: {_first_line(exc) or type(exc).__name__}"
             ) from None
         except ConsulException as exc:
             text = _first_line(exc)
-            if "no cluster leader" in text.lower() or text.startswith("5"):
-                raise ConsulUnavailable(f"Consul at {where} cannot serve: {text}") from None
+            if text.startswith("5") or "no cluster leader" in text.lower():
+                raise _Transient(f"Consul at {where} cannot serve: {text}") from None
             raise StateError(f"Consul at {where} failed: {text}") from None
 
     # -- reads -------------------------------------------------------------------------------
 
-    async def get(self, key: str) -> tuple[Any, int] | None:
-        """The JSON value of ``key`` and its ModifyIndex, or None."""
-        _, item = await self._call(lambda c: c.kv.get(self.prefix + key))
+    async def get(self, key: str, *, consistent: bool = True) -> tuple[Any, int] | None:
+        """The JSON value of ``key`` and its ModifyIndex, or None if Consul has no such key."""
+        mode = "consistent" if consistent else None
+        _, item = await self._call(lambda c: c.kv.get(self.prefix + key, consistency=mode))
         if item is None:
             return None
         return _loads(item.get("Value")), int(item["ModifyIndex"])
 
-    async def get_text(self, key: str) -> str | None:
-        _, item = await self._call(lambda c: c.kv.get(self.prefix + key))
+    async def get_text(self, key: str, *, consistent: bool = True) -> str | None:
+        mode = "consistent" if consistent else None
+        _, item = await self._call(lambda c: c.kv.get(self.prefix + key, consistency=mode))
         if item is None or item.get("Value") is None:
             return None
         value: bytes = item["Value"]
@@ -140,7 +183,8 @@ class ConsulKV:
 
     async def holder(self, key: str) -> str | None:
         """The session holding ``key``'s lock, if any."""
-        _, item = await self._call(lambda c: c.kv.get(self.prefix + key))
+        _, item = await self._call(
+            lambda c: c.kv.get(self.prefix + key, consistency="consistent"))
         session = (item or {}).get("Session")
         return str(session) if session else None
 
@@ -161,7 +205,8 @@ class ConsulKV:
         def request(c: consul.aio.Consul) -> Any:
             return c.kv.get(prefix, recurse=True, index=index, wait=f"{WATCH_WAIT_SECONDS}s")
 
-        new_index, items = await self._call(request,
+        # The watch loop has its own backoff and starts over after an outage.
+        new_index, items = await self._call(request, retry=False,
                                             seconds=WATCH_WAIT_SECONDS + REQUEST_TIMEOUT)
         return Listing(_by_key(prefix, items), int(new_index))
 

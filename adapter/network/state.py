@@ -37,7 +37,7 @@ class State:
     async def ping(self) -> None:
         """Raise ConsulUnavailable / ConsulAccessDenied unless Consul serves our KV prefix."""
         # A single-key read: listings are silently filtered by ACLs, single reads are refused.
-        await self.kv.get(VERSION_KEY)
+        await self.kv.get(VERSION_KEY, consistent=False)
 
     async def close(self) -> None:
         await self.kv.close()
