@@ -48,6 +48,7 @@ class Settings:
     host_ttl: float = 15.0
     reconcile_interval: float = 30.0
     dataplane_wait: float = 30.0
+    run_dir: Path = Path("/run/powerplane")
     log_level: str = "info"
 
     def replace(self, **changes: Any) -> Settings:
@@ -147,6 +148,8 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("dataplane_wait", "--dataplane-wait", "seconds a create waits for the data plane "
            "while serve is starting before it is refused (default 30)", parse=_positive_float,
            metavar="SECONDS"),
+    Option("run_dir", "--run-dir", "where serve keeps its status file (status.json) for "
+           "`powerplane status` (default /run/powerplane)", parse=_path, metavar="DIR"),
     Option("log_level", "--log-level", "debug, info, warning or error (default info)",
            metavar="LEVEL"),
 )

@@ -115,7 +115,7 @@ async def _info(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
           f"Subnet:    {network.cidr}\n"
           f"Gateway:   {network.gateway}\n"
           f"VNI:       {network.vni}\n"
-          f"MTU:       {network.mtu or 'host default'}\n"
+          f"MTU:       {network.mtu or 'each host: its underlay MTU - 50'}\n"
           f"Addresses: {len(addresses)} of {network.capacity} in use")
     if members:
         print()

@@ -13,7 +13,7 @@ import sdnotify
 
 from adapter.cli import configure_logging
 from adapter.hooks.network import HOOK_NAME, NetworkHook
-from adapter.network.readiness import CONSUL, DATAPLANE, LISTENERS, Readiness
+from adapter.network.readiness import CONSUL, DATAPLANE, LISTENERS, Readiness, StatusFile
 from adapter.network.runtime import host_runtime
 from adapter.proxy.adapters_config import load_adapters_config
 from adapter.proxy.listeners import Listeners, plan_listeners
@@ -21,6 +21,8 @@ from adapter.proxy.relay import make_proxy
 from adapter.settings import CONSUL_OPTIONS, SERVE_OPTIONS, add_options, load_settings
 
 log = logging.getLogger("powerplane.serve")
+
+STATUS_FILE_NAME = "status.json"
 
 
 def register(subparsers: Any) -> None:
@@ -48,7 +50,10 @@ async def serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         loop.add_signal_handler(signum, stop.set)
     listeners = Listeners()
     readiness = Readiness((LISTENERS, DATAPLANE, CONSUL))
+    status_file = StatusFile(settings.run_dir / STATUS_FILE_NAME)
     readiness.observe(_ReadinessReporter(sdnotify.SystemdNotifier()))
+    readiness.observe(status_file.write)
+    status_file.write(readiness)
     try:
         async with (
             host_runtime(settings, readiness) as runtime,
@@ -68,6 +73,7 @@ async def serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             log.info("stopping")
             await listeners.close()
     finally:
+        status_file.remove()
         await listeners.close()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)

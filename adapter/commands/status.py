@@ -13,13 +13,16 @@ from collections.abc import Awaitable, Mapping
 from typing import Any
 
 from adapter.commands.network import format_table
+from adapter.commands.serve import STATUS_FILE_NAME
 from adapter.dataplane.switch import DataPlane
 from adapter.errors import PowerplaneError
 from adapter.network.docker_api import Docker
+from adapter.network.readiness import StatusFile
 from adapter.network.state import State
 from adapter.settings import CONSUL_OPTIONS, SERVE_OPTIONS, Option, add_options, load_settings
 
-STATUS_FIELDS = {"docker_url", "ovsdb", "bridge", "host_id", "underlay_ip", "datapath", "mtu"}
+STATUS_FIELDS = {"docker_url", "ovsdb", "bridge", "host_id", "underlay_ip", "datapath", "mtu",
+                 "run_dir"}
 STATUS_OPTIONS: tuple[Option, ...] = CONSUL_OPTIONS + tuple(
     option for option in SERVE_OPTIONS if option.field in STATUS_FIELDS)
 
@@ -49,6 +52,17 @@ async def _status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     settings = load_settings(args, environ, STATUS_OPTIONS)
     state, docker, dataplane = State(settings), Docker(settings.docker_url), DataPlane(settings)
     checks: dict[str, Any] = {}
+    serve = StatusFile(settings.run_dir / STATUS_FILE_NAME).read()
+    if serve is None:
+        checks["serve"] = {"ok": False, "error": f"not running (no live {STATUS_FILE_NAME} in "
+                                                 f"{settings.run_dir})"}
+    elif serve.get("state") != "ready":
+        waiting = "; ".join(f"{part}: {why}" for part, why in
+                            (serve.get("waiting_for") or {}).items())
+        checks["serve"] = {"ok": False, "state": "starting",
+                           "error": f"starting, waiting for {waiting or 'its parts'}"}
+    else:
+        checks["serve"] = {"ok": True, "state": "ready"}
     try:
         await _check(checks, "docker", docker.ping())
         await _check(checks, "consul", state.ping())
@@ -69,6 +83,7 @@ async def _status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if args.json:
         print(json.dumps({
             "host_id": settings.host_id, "ok": ok, "checks": checks,
+            "overlay_mtu": (serve or {}).get("overlay_mtu"),
             "tunnels": [{"port": t.port, "host": t.host_id, "remote_ip": t.remote_ip,
                          "network": t.network, "vni": t.vni} for t in tunnels or []],
             "ports": [{"port": p.port, "container": p.container_id, "network": p.network,
@@ -77,7 +92,10 @@ async def _status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         }, indent=2))
         return 0 if ok else 1
     print(f"host {settings.host_id}")
-    for name, where in (("docker", settings.docker_url), ("consul", settings.consul_addr),
+    mtu = (serve or {}).get("overlay_mtu")
+    for name, where in (("serve", f"pid {serve['pid']}" + (f", overlay MTU {mtu}" if mtu else "")
+                         if serve else str(settings.run_dir)),
+                        ("docker", settings.docker_url), ("consul", settings.consul_addr),
                         ("ovs", f"{settings.ovsdb} bridge {settings.bridge}")):
         check = checks[name]
         print(f"  {name:<7} {'ok  ' if check['ok'] else 'FAIL'} {where}"

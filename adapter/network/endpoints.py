@@ -145,9 +145,11 @@ class EndpointManager:
     async def attach(self, request: CreateRequest) -> Attachment:
         """Find (or create) the network, then make a started, plugged sandbox with an address
         on it; undo everything if any step fails."""
-        network = await self.resolve_network(request.overlay)
+        # Before anything is written: a create refused for a data plane that never came up
+        # leaves not even the network it named.
         if self._readiness is not None:
             await self._readiness.wait_for(DATAPLANE, self._settings.dataplane_wait)
+        network = await self.resolve_network(request.overlay)
         labels = {
             LABEL_ROLE: SANDBOX_ROLE,
             LABEL_NETWORK: network.name,

@@ -8,10 +8,18 @@ gets an error naming what is still not up, never an early refusal.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import logging
+import os
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
 
 from adapter.errors import NotReady
+
+log = logging.getLogger(__name__)
 
 LISTENERS = "listeners"
 CONSUL = "consul"
@@ -26,6 +34,8 @@ class Readiness:
         self._observers: list[Callable[[Readiness], None]] = []
         self._started = time.monotonic()
         self.waiting_reasons: dict[str, str] = {}
+        # Facts learnt while coming up that `status` shows (e.g. the overlay MTU in use).
+        self.details: dict[str, Any] = {}
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -44,7 +54,8 @@ class Readiness:
     def observe(self, observer: Callable[[Readiness], None]) -> None:
         self._observers.append(observer)
 
-    def mark_up(self, part: str) -> None:
+    def mark_up(self, part: str, **details: Any) -> None:
+        self.details.update(details)
         event = self._events[part]
         if event.is_set():
             return
@@ -87,3 +98,49 @@ class Readiness:
     def _notify(self) -> None:
         for observer in self._observers:
             observer(self)
+
+
+class StatusFile:
+    """``serve``'s readiness as a small JSON file that ``powerplane status`` reads.
+
+    Written whole and renamed into place, so a reader never sees half of it; removed when serve
+    stops. The writes are a few hundred bytes to tmpfs, a handful per process life: done inline.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, readiness: Readiness) -> None:
+        document = {
+            "pid": os.getpid(),
+            "state": "ready" if readiness.ready else "starting",
+            "waiting_for": {part: readiness.waiting_reasons.get(part, "starting")
+                            for part in readiness.pending()},
+            **readiness.details,
+        }
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+            partial.write_text(json.dumps(document) + "\n")
+            partial.replace(self.path)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.path, exc.strerror or exc)
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+    def read(self) -> dict[str, Any] | None:
+        """The document of a serve that is still running, else None."""
+        try:
+            document = json.loads(self.path.read_text())
+            pid = int(document["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None  # a serve that died without cleaning up
+        except PermissionError:
+            pass
+        return document if isinstance(document, dict) else None

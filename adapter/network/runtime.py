@@ -76,6 +76,7 @@ async def host_runtime(settings: Settings, readiness: Readiness) -> AsyncIterato
         async def start_sequence() -> None:
             await _retry(dataplane.start, readiness, DATAPLANE,
                          f"Open vSwitch at {settings.ovsdb}, bridge {settings.bridge}")
+            readiness.mark_up(DATAPLANE, overlay_mtu=dataplane.overlay_mtu())
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(_registered(state, host, readiness, dataplane),
                                   name="powerplane-host-registration")
@@ -119,7 +120,6 @@ async def _retry(start: Callable[[], Awaitable[None]], readiness: Readiness, par
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RETRY_MAX_SECONDS)
         else:
-            readiness.mark_up(part)
             log.info("%s ready", part)
             return
 

@@ -63,6 +63,7 @@ class Host:
             "POWERPLANE_HOST_TTL": "10",
             "POWERPLANE_RECONCILE_INTERVAL": str(RECONCILE_INTERVAL),
             "POWERPLANE_LOG_LEVEL": "info",
+            "POWERPLANE_RUN_DIR": str(self.dir / "run"),
         }
 
     def start_serve(self) -> None:
@@ -73,11 +74,20 @@ class Host:
                                           stdout=log, stderr=subprocess.STDOUT)
         finally:
             log.close()
+        # Ready as serve reports it: listeners, Consul session and data plane all up.
         deadline = time.monotonic() + 30
-        while self.docker_cli("version", check=False).returncode != 0:
+        while not self.serve_ready():
             if self.serve.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"{self.name}: serve did not come up:\n{self.serve_log()}")
             time.sleep(0.1)
+
+    def serve_ready(self) -> bool:
+        try:
+            status = json.loads((self.dir / "run" / "status.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return bool(status.get("state") == "ready" and self.serve is not None
+                    and status.get("pid") == self.serve.pid)
 
     def kill_serve(self, sig: int = signal.SIGTERM) -> None:
         if self.serve is not None and self.serve.poll() is None:

@@ -8,6 +8,7 @@ test started is touched.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -42,18 +43,23 @@ class ServeProcess:
         extra_args: Sequence[str] = (),
         *,
         wait_for_upstream: bool = True,
+        command_prefix: Sequence[str] = (),
     ) -> ServeProcess:
-        """Start serve relaying to ``docker_url``; return when its socket answers."""
+        """Start serve relaying to ``docker_url``; return when its socket answers.
+
+        ``command_prefix`` runs it through another command, e.g. ``nsenter --net=...``.
+        """
         workdir.mkdir(parents=True, exist_ok=True)
         # Short path: unix socket names are limited to 107 bytes.
         run_dir = Path(tempfile.mkdtemp(prefix="pps-", dir="/tmp"))
         log_path = Path(tempfile.mkstemp(prefix="serve-", suffix=".log", dir=workdir)[1])
         args = [
-            POWERPLANE, "serve",
+            *command_prefix, POWERPLANE, "serve",
             "--listen", f"unix://{run_dir / 'sock' / 'docker.sock'}",
             "--docker", docker_url,
             "--consul", "127.0.0.1:1",
             "--ovsdb", f"unix:{run_dir / 'no-ovsdb.sock'}",
+            "--run-dir", str(run_dir),
             *extra_args,
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("POWERPLANE_", "CONSUL_"))}
@@ -76,6 +82,14 @@ class ServeProcess:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"serve not ready after {READY_TIMEOUT}s: {self.log()}")
             time.sleep(0.05)
+
+    def status(self) -> dict[str, object] | None:
+        """What serve reports in its status file (state, parts it waits for), if written."""
+        try:
+            document = json.loads((self.run_dir / "status.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return document if isinstance(document, dict) else None
 
     def log(self) -> str:
         with contextlib.suppress(OSError):
