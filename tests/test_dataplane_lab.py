@@ -119,7 +119,10 @@ def test_plug_unplug_reconcile_twice_change_nothing(lab4: Lab, wired: dict[str, 
             "network": network, "ip": "10.71.0.99"}
     lab4.dataplane(0, plug)
     ovs_before = _ovsdb_snapshot(lab4, 0)
-    link_before = ns.run(["ip", "-d", "addr", "show", "eth0"]).stdout
+    # The kernel marks the IPv6 link-local address tentative until its duplicate address
+    # detection ends (about a second): a change of its own, not ours, so wait it out first.
+    link_before = _wait(lambda: (out := ns.run(["ip", "-d", "addr", "show", "eth0"]).stdout)
+                        and "tentative" not in out and out, "eth0's addresses to settle")
     lab4.dataplane(0, plug)
     assert _ovsdb_snapshot(lab4, 0) == ovs_before
     assert ns.run(["ip", "-d", "addr", "show", "eth0"]).stdout == link_before

@@ -59,11 +59,19 @@ class Lab:
         host = self.hosts[index]
         return {
             "POWERPLANE_CONSUL": self.consul.http_addr,
+            # The lab has no Docker: its tests plug ports themselves, with no sandbox behind
+            # them. Pointing the agent at a socket where nothing listens keeps it off the host's
+            # own dockerd, and its endpoint reconciler, which needs Docker to know what exists,
+            # postpones every run instead of removing those ports (e2e tests cover it).
+            "POWERPLANE_DOCKER": f"unix://{self.workdir / 'no-docker.sock'}",
             "POWERPLANE_UNDERLAY_IP": host.ip,
             "POWERPLANE_DATAPATH": self.datapath,
             "POWERPLANE_OVSDB": self.ovs[index].db_url,
             "POWERPLANE_HOST_ID": host.name,
             "POWERPLANE_HOST_TTL": "10",
+            # Often, so that a module's tests run through many reconciliations whatever the
+            # machine's speed: what they plug must survive them.
+            "POWERPLANE_RECONCILE_INTERVAL": "2",
             "POWERPLANE_LOG_LEVEL": "debug",
         }
 

@@ -11,11 +11,22 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
+
+
+def _accepts(path: Path) -> bool:
+    """True when something listens on the unix socket ``path`` and accepts a connection."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def netns_path(netns: str) -> str:
@@ -82,7 +93,9 @@ class OvsInstance:
                      f"--pidfile={self.workdir / 'ovsdb-server.pid'}",
                      f"--log-file={self.workdir / 'ovsdb-server.log'}", "--no-chdir"],
                     "ovsdb-server")
-        self._wait_for(self.db_sock.exists, "ovsdb-server socket")
+        # The socket file appears when it is bound, a moment before ovsdb-server listens on it:
+        # only a connection that is accepted says it is ready.
+        self._wait_for(lambda: _accepts(self.db_sock), "ovsdb-server socket")
         self.vsctl("--no-wait", "init")
         self._spawn(["ovs-vswitchd", self.db_url,
                      f"--pidfile={self.workdir / 'ovs-vswitchd.pid'}",
