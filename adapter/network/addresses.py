@@ -11,11 +11,10 @@ fill level (docs/state.md).
 
 from __future__ import annotations
 
-import asyncio
-
 from adapter.errors import NetworkNotFound, PoolExhausted
 from adapter.model import AddressRecord, Network, mac_for_ip
 from adapter.network.consul_kv import ConsulKV, dump, safe_key
+from adapter.network.locks import KeyedLocks
 
 # Addresses tried from the hint before falling back to one listing of the network's keys.
 HINT_PROBES = 8
@@ -30,15 +29,14 @@ class Addresses:
         self._kv = kv
         # Allocations for one network from this process go one at a time: contention is then
         # only between hosts, and a burst of local requests costs no failed claims.
-        self._allocation_locks: dict[str, asyncio.Lock] = {}
+        self._allocation_locks = KeyedLocks()
 
     async def allocate(self, network: Network, *, container: str, host: str) -> str:
         """Claim a free address of ``network`` for ``container``; PoolExhausted when none is left.
 
         Only after ``HINT_PROBES`` taken addresses in a row does it list the network's keys, once.
         """
-        lock = self._allocation_locks.setdefault(network.name, asyncio.Lock())
-        async with lock:
+        async with self._allocation_locks.hold(network.name):
             if network.capacity > SMALL_NETWORK:
                 hint = await self._hint(network)
                 for step in range(HINT_PROBES):

@@ -39,6 +39,7 @@ from adapter.network.create_rewrite import (
     OverlayRequest,
 )
 from adapter.network.docker_api import Docker
+from adapter.network.locks import KeyedLocks
 from adapter.network.readiness import DATAPLANE, Readiness
 from adapter.network.state import State
 from adapter.settings import Settings
@@ -106,7 +107,7 @@ class EndpointManager:
         self._dataplane = dataplane
         self._docker = docker
         self._pending: dict[str, float] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks = KeyedLocks()
         # What this process wired, so a `docker start` right after the create costs one inspect:
         # the namespace (sandbox pid) each sandbox was last plugged into, and each app's sandbox.
         self._plugged_pid: dict[str, int] = {}
@@ -115,9 +116,6 @@ class EndpointManager:
     @property
     def host_id(self) -> str:
         return self._settings.host_id
-
-    def _lock(self, key: str) -> asyncio.Lock:
-        return self._locks.setdefault(key, asyncio.Lock())
 
     def is_pending(self, sandbox_id: str) -> bool:
         deadline = self._pending.get(sandbox_id)
@@ -165,7 +163,7 @@ class EndpointManager:
             ip = await self._state.addresses.allocate(network, container=sandbox_id,
                                                     host=self.host_id)
             # Held so the agent's re-plug on the sandbox's `start` event waits for this plug.
-            async with self._lock(sandbox_id):
+            async with self._locks.hold(sandbox_id):
                 await self._docker.start(sandbox_id)
                 pid = await self._docker.running_pid(sandbox_id)
                 if pid is None:
@@ -209,7 +207,7 @@ class EndpointManager:
             self._pending.pop(sandbox_id, None)
 
     async def _remove_sandbox(self, sandbox_id: str, network: str, ip: str | None) -> None:
-        async with self._lock(sandbox_id):
+        async with self._locks.hold(sandbox_id):
             self._plugged_pid.pop(sandbox_id, None)
             await self._dataplane.unplug(sandbox_id)
             await self._docker.remove(sandbox_id)
@@ -259,7 +257,7 @@ class EndpointManager:
         network_name = labels.get(LABEL_NETWORK)
         if not network_name:
             return
-        async with self._lock(sandbox_id):
+        async with self._locks.hold(sandbox_id):
             pid = await self._docker.running_pid(sandbox_id)
             if pid is None:
                 return
