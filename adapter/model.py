@@ -332,15 +332,24 @@ class Endpoint:
 
 @dataclass(frozen=True, slots=True)
 class Host:
-    """A host running ``powerplane serve``; tunnels from other hosts end at ``underlay_ip``."""
+    """A host running ``powerplane serve``; tunnels from other hosts end at ``underlay_ip``.
+
+    ``underlay_mac`` is the MAC behind that address, so that a userspace datapath can send the
+    first frame to this host without resolving it first (adapter/dataplane/vswitchd.py).
+    """
 
     host_id: str
     underlay_ip: str
     hostname: str
     version: str
+    underlay_mac: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"underlay_ip": self.underlay_ip, "hostname": self.hostname, "version": self.version}
+        document = {"underlay_ip": self.underlay_ip, "hostname": self.hostname,
+                    "version": self.version}
+        if self.underlay_mac:
+            document["underlay_mac"] = self.underlay_mac
+        return document
 
     @classmethod
     def from_json(cls, host_id: str, data: Mapping[str, Any]) -> Host:
@@ -349,4 +358,5 @@ class Host:
             underlay_ip=_require(data, "underlay_ip", str),
             hostname=str(data.get("hostname", "")),
             version=str(data.get("version", "")),
+            underlay_mac=str(data.get("underlay_mac", "")),
         )

@@ -33,6 +33,7 @@ WRAPPED: dict[str, str] = {
     "pyroute2": "adapter.dataplane.links",
     "docker": "adapter.network.docker_api",
     "nftables": "adapter.dataplane.nft",
+    "ovs": "adapter.dataplane.vswitchd",
 }
 
 

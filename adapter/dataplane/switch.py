@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from adapter.dataplane import links, underlay
 from adapter.dataplane.ovs import Ovs, OvsPort
+from adapter.dataplane.vswitchd import Vswitchd
 from adapter.errors import DataPlaneError
 from adapter.model import Host, Network, mac_for_ip
 from adapter.settings import Settings
@@ -119,6 +120,9 @@ class DataPlane:
         self.settings = settings
         self.bridge = settings.bridge
         self.ovs = Ovs(settings.ovsdb)
+        self.vswitchd = Vswitchd(settings.ovsdb)
+        # The MAC other hosts' tunnels send to, known once the underlay is up (start()).
+        self.underlay_mac = ""
         # One change at a time: tags are chosen from what the bridge holds, so two concurrent
         # changes could otherwise pick the same tag for different networks.
         self._lock = asyncio.Lock()
@@ -129,9 +133,10 @@ class DataPlane:
         await self.ovs.connect()
         underlay_mtu = DEFAULT_UNDERLAY_MTU
         if self.settings.datapath == "netdev" and self.settings.underlay_ip:
-            underlay_mtu = await underlay.ensure_netdev_underlay(self.ovs, self.settings)
+            underlay_mtu, self.underlay_mac = await underlay.ensure_netdev_underlay(
+                self.ovs, self.settings)
         elif self.settings.underlay_ip:
-            underlay_mtu = await underlay.underlay_mtu(self.settings)
+            underlay_mtu, self.underlay_mac = await underlay.underlay_link(self.settings)
         await self.ovs.ensure_bridge(self.bridge, datapath=self.settings.datapath)
         if self.settings.mtu is None:
             self._mtu = underlay_mtu - VXLAN_OVERHEAD
@@ -243,6 +248,26 @@ class DataPlane:
             added=tuple(wanted[p.name][0] for p in to_ensure if p.name not in existing),
             removed=tuple(existing[name] for name in to_delete),
         )
+
+
+    async def set_tunnel_neighbors(self, peers: Iterable[Host]) -> int:
+        """Give the userspace datapath each peer's underlay MAC it lacks; return how many.
+
+        Only the netdev datapath resolves tunnel ends itself (the kernel's VXLAN queues a frame
+        while it resolves); peers that publish no MAC are left to resolution as before.
+        """
+        if self.settings.datapath != "netdev" or not self.vswitchd.reachable:
+            return 0
+        known = await self.vswitchd.tunnel_neighbors()
+        count = 0
+        for peer in peers:
+            if (peer.underlay_mac and peer.underlay_ip
+                    and peer.underlay_ip != self.settings.underlay_ip
+                    and known.get(peer.underlay_ip) != peer.underlay_mac.lower()):
+                await self.vswitchd.set_tunnel_neighbor(underlay.PHYSICAL_BRIDGE,
+                                                        peer.underlay_ip, peer.underlay_mac)
+                count += 1
+        return count
 
 
 def _same(current: OvsPort | None, wanted: OvsPort) -> bool:

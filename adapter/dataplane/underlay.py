@@ -26,17 +26,22 @@ UNDERLAY_PORT_TYPE = "afxdp-nonpmd"
 UNDERLAY_PORT_OPTIONS = {"xdp-mode": "best-effort"}
 
 
-async def underlay_mtu(settings: Settings) -> int:
-    """The MTU of the interface holding the underlay address (1500 when it is unknown)."""
+async def underlay_link(settings: Settings) -> tuple[int, str]:
+    """MTU and MAC of the interface holding the underlay address (1500 and "" if unknown)."""
     name = settings.underlay_interface
     if name is None and settings.underlay_ip:
         found = await links.interface_with_address(settings.underlay_ip)
         name = found[0] if found else None
-    return await links.link_mtu(name) if name else 1500
+    if not name:
+        return 1500, ""
+    return await links.link_mtu(name), await links.link_mac(name)
 
 
-async def ensure_netdev_underlay(ovs: Ovs, settings: Settings) -> int:
-    """Put the underlay address on ``br-phy`` holding the underlay interface; return its MTU."""
+async def ensure_netdev_underlay(ovs: Ovs, settings: Settings) -> tuple[int, str]:
+    """Put the underlay address on ``br-phy`` holding the underlay interface.
+
+    Returns its MTU and the MAC tunnels to this host are sent to (br-phy takes the interface's).
+    """
     ip = settings.underlay_ip
     if not ip:
         raise DataPlaneError("the netdev datapath needs --underlay-ip")
@@ -68,4 +73,4 @@ async def ensure_netdev_underlay(ovs: Ovs, settings: Settings) -> int:
     # br-phy is a tap read by userspace OVS: with offload on, the host's own TCP over the
     # underlay (Consul!) leaves with unfinished checksums and is dropped by the peer.
     await links.set_tx_checksum(PHYSICAL_BRIDGE, False)
-    return mtu
+    return mtu, mac

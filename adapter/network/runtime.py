@@ -70,15 +70,16 @@ async def host_runtime(settings: Settings, readiness: Readiness) -> AsyncIterato
                                     readiness=readiness)
         agent = HostAgent(settings, state=state, dataplane=dataplane, docker=docker,
                           endpoints=endpoints)
-        host = Host(settings.host_id, settings.underlay_ip or "", socket.gethostname(),
-                    __version__)
 
         async def start_sequence() -> None:
             await _retry(dataplane.start, readiness, DATAPLANE,
                          f"Open vSwitch at {settings.ovsdb}, bridge {settings.bridge}")
             readiness.mark_up(DATAPLANE, overlay_mtu=dataplane.overlay_mtu())
+            # Registered once the data plane is up: only then is the underlay MAC known.
+            host = Host(settings.host_id, settings.underlay_ip or "", socket.gethostname(),
+                        __version__, dataplane.underlay_mac)
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(_registered(state, host, readiness, dataplane),
+                tasks.create_task(_registered(state, host, readiness, dataplane, settings),
                                   name="powerplane-host-registration")
                 tasks.create_task(agent.run(), name="powerplane-host-agent")
 
@@ -88,7 +89,7 @@ async def host_runtime(settings: Settings, readiness: Readiness) -> AsyncIterato
 
 
 async def _registered(state: State, host: Host, readiness: Readiness,
-                      dataplane: DataPlane) -> None:
+                      dataplane: DataPlane, settings: Settings) -> None:
     """Hold this host's registration; with an underlay IP, keep the tunnels in line."""
     backoff = RETRY_MIN_SECONDS
     while True:
@@ -98,7 +99,8 @@ async def _registered(state: State, host: Host, readiness: Readiness,
             async with registered:
                 if host.underlay_ip:
                     await TunnelReconciler(dataplane, hosts=state.hosts,
-                                           networks=state.networks).run()
+                                           networks=state.networks,
+                                           refresh=settings.reconcile_interval).run()
                 else:
                     await asyncio.Event().wait()  # nothing to follow; hold the session
         except PowerplaneError as exc:

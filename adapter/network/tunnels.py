@@ -2,12 +2,15 @@
 
 It follows two Consul watches (hosts, networks) and after every change makes the tunnel ports
 exactly (remote hosts) x (networks); never a tunnel to this host itself. A reconciliation that
-changes nothing writes nothing to OVS.
+changes nothing writes nothing to OVS. Without a change it runs again every ``refresh`` seconds,
+which puts back what was lost behind its back (an ovs-vswitchd restart forgets neighbours).
 
-The userspace datapath drops the first packet to a peer whose MAC it has not learnt yet (it sends
-an ARP request instead). After adding tunnels to a new peer we send one UDP datagram to the peer's
-underlay address from this host's stack: the ARP exchange that triggers passes through the OVS
-underlay bridge, which learns the peer's MAC before any container traffic needs it.
+The userspace datapath drops the first packet to a peer whose underlay MAC it has not learnt
+(it sends an ARP request instead, and learns only from ARP it sees, which does not happen while
+the host's kernel already knows the peer). Hosts publish their underlay MAC in Consul, and every
+reconciliation sets it as the peer's tunnel neighbour (``DataPlane.set_tunnel_neighbors``), so
+the first frame to a peer goes out. For a peer that publishes none (an older version), one UDP
+datagram to its underlay address may make the ARP exchange happen where OVS sees it.
 """
 
 from __future__ import annotations
@@ -45,8 +48,10 @@ def prime_peer(remote_ip: str) -> None:
 class TunnelReconciler:
     """Runs until cancelled: every host or network change becomes one ``set_tunnels`` call."""
 
-    def __init__(self, dataplane: DataPlane, *, hosts: Follows, networks: Follows) -> None:
+    def __init__(self, dataplane: DataPlane, *, hosts: Follows, networks: Follows,
+                 refresh: float) -> None:
         self.dataplane = dataplane
+        self._refresh = refresh
         self._host_list = hosts
         self._network_list = networks
         self.hosts: list[Host] | None = None
@@ -55,9 +60,11 @@ class TunnelReconciler:
         self.reconciled = asyncio.Event()  # set after each reconciliation (tests wait on it)
 
     async def reconcile(self, hosts: Sequence[Host], networks: Sequence[Network]) -> TunnelChange:
-        """Make the tunnels match ``hosts`` x ``networks`` once; prime new peers."""
+        """Make the tunnels match ``hosts`` x ``networks`` once; tell the datapath the peers."""
         change = await self.dataplane.set_tunnels(hosts, networks)
-        for remote_ip in sorted({t.remote_ip for t in change.added}):
+        await self.dataplane.set_tunnel_neighbors(hosts)
+        without_mac = {h.underlay_ip for h in hosts if not h.underlay_mac}
+        for remote_ip in sorted({t.remote_ip for t in change.added} & without_mac):
             prime_peer(remote_ip)
         if change.added or change.removed:
             log.info("tunnels: +%d -%d (peers: %s)", len(change.added), len(change.removed),
@@ -80,7 +87,8 @@ class TunnelReconciler:
             tasks.create_task(self._follow_hosts(), name="powerplane-watch-hosts")
             tasks.create_task(self._follow_networks(), name="powerplane-watch-networks")
             while True:
-                await self._changed.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), self._refresh)
                 self._changed.clear()
                 if self.hosts is None or self.networks is None:
                     continue  # reconcile on a full picture only: never drop tunnels on half of it
