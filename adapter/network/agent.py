@@ -154,12 +154,14 @@ class HostAgent:
             report.restored_endpoints.append(app_id[:12])
 
         for sandbox_id, sandbox in sandboxes.items():
-            if sandbox_id in used_sandboxes or self._endpoints.is_pending(sandbox_id):
+            labels = sandbox.get("Labels") or {}
+            if sandbox_id in used_sandboxes or self._endpoints.is_pending(sandbox_id, labels):
                 continue
-            network = (sandbox.get("Labels") or {}).get(LABEL_NETWORK, "")
+            network = labels.get(LABEL_NETWORK, "")
             await self._endpoints.remove_orphan_sandbox(sandbox_id, network)
             report.removed_sandboxes.append(sandbox_id[:12])
-        live = {s for s in sandboxes if s in used_sandboxes or self._endpoints.is_pending(s)}
+        live = {s for s, sandbox in sandboxes.items() if s in used_sandboxes
+                or self._endpoints.is_pending(s, sandbox.get("Labels") or {})}
 
         plugged = {p.container_id: p for p in await self._dataplane.plugged()}
         for container_id in plugged:

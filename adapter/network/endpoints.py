@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from adapter.model import Endpoint, Network
 from adapter.network.create_rewrite import (
     LABEL_APP_NAME,
     LABEL_CIDR,
+    LABEL_CREATION,
     LABEL_GATEWAY,
     LABEL_HOST,
     LABEL_IP,
@@ -107,6 +109,8 @@ class EndpointManager:
         self._dataplane = dataplane
         self._docker = docker
         self._pending: dict[str, float] = {}
+        # Tokens (label LABEL_CREATION) of sandboxes whose create call has not returned yet.
+        self._creating: set[str] = set()
         self._locks = KeyedLocks()
         # What this process wired, so a `docker start` right after the create costs one inspect:
         # the namespace (sandbox pid) each sandbox was last plugged into, and each app's sandbox.
@@ -117,7 +121,15 @@ class EndpointManager:
     def host_id(self) -> str:
         return self._settings.host_id
 
-    def is_pending(self, sandbox_id: str) -> bool:
+    def is_pending(self, sandbox_id: str, labels: Mapping[str, str] | None = None) -> bool:
+        """True for a sandbox this process is still attaching (or waiting for its app).
+
+        Docker lists a sandbox as soon as it exists, a moment before our create call returns
+        its id: ``labels`` (as listed) let the sandbox be recognised by the token it was
+        created with during that moment.
+        """
+        if labels is not None and labels.get(LABEL_CREATION) in self._creating:
+            return True
         deadline = self._pending.get(sandbox_id)
         return deadline is not None and deadline > time.monotonic()
 
@@ -155,9 +167,14 @@ class EndpointManager:
         }
         if request.app_name:
             labels[LABEL_APP_NAME] = request.app_name
+        token = labels[LABEL_CREATION] = secrets.token_hex(8)
         spec = request.sandbox(image=self._settings.sandbox_image, labels=labels)
-        sandbox_id = await self._docker.create_sandbox(spec)
-        self._pending[sandbox_id] = time.monotonic() + PENDING_GRACE_SECONDS
+        self._creating.add(token)
+        try:
+            sandbox_id = await self._docker.create_sandbox(spec)
+            self._pending[sandbox_id] = time.monotonic() + PENDING_GRACE_SECONDS
+        finally:
+            self._creating.discard(token)
         ip: str | None = None
         try:
             ip = await self._state.addresses.allocate(network, container=sandbox_id,

@@ -1,0 +1,147 @@
+"""Fault injection: a reconciliation that runs while a sandbox's create call is in flight.
+
+Docker lists a new container a moment before the create call returns its id. The stress bench
+caught the reconciler removing such a sandbox as an orphan ("No such container" on the create
+that followed). Here fakes force that exact interleaving, which a real daemon produces only by
+chance: the fake Docker runs a whole reconciliation inside ``create_sandbox``, after the sandbox
+exists and before its id is returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from adapter.model import Endpoint, Network, NetworkSpec
+from adapter.network.agent import HostAgent
+from adapter.network.create_rewrite import CreateRequest
+from adapter.network.docker_api import SandboxSpec
+from adapter.network.endpoints import EndpointManager
+from adapter.settings import Settings
+
+NETWORK = NetworkSpec.parse("net", "10.44.0.0/24").network(300)
+
+
+class FakeDocker:
+    """Containers in a dict; the create of a sandbox runs ``during_create`` before returning."""
+
+    def __init__(self) -> None:
+        self.containers_by_id: dict[str, dict[str, Any]] = {}
+        self.removed: list[str] = []
+        self.during_create: Any = None
+
+    async def create_sandbox(self, spec: SandboxSpec) -> str:
+        sandbox_id = f"{len(self.containers_by_id) + 1:064x}"
+        self.containers_by_id[sandbox_id] = {"Id": sandbox_id, "Labels": dict(spec.labels),
+                                             "State": "created"}
+        if self.during_create is not None:
+            await self.during_create()
+        return sandbox_id
+
+    async def containers(self, *, label: str) -> list[dict[str, Any]]:
+        key, _, value = label.partition("=")
+        return [c for c in self.containers_by_id.values()
+                if key in c["Labels"] and (not value or c["Labels"][key] == value)]
+
+    async def start(self, container: str) -> None:
+        self.containers_by_id[container]["State"] = "running"
+
+    async def running_pid(self, container: str) -> int | None:
+        return 4242 if container in self.containers_by_id else None
+
+    async def remove(self, container: str) -> None:
+        self.removed.append(container)
+        self.containers_by_id.pop(container, None)
+
+
+class FakeDataPlane:
+    def __init__(self) -> None:
+        self.ports: dict[str, Any] = {}
+
+    async def plug(self, *, container_id: str, netns: int | str, network: Network,
+                   ip: str) -> Any:
+        port = type("Port", (), {"container_id": container_id, "port": "ovs" + container_id[:12],
+                                 "mac": "02:42:0a:2c:00:02"})()
+        self.ports[container_id] = port
+        return port
+
+    async def unplug(self, container_id: str) -> None:
+        self.ports.pop(container_id, None)
+
+    async def plugged(self) -> Sequence[Any]:
+        return list(self.ports.values())
+
+
+class FakeState:
+    """The parts of State the endpoint manager and the agent use, in memory."""
+
+    def __init__(self) -> None:
+        self.addresses = self
+        self.endpoints = self
+        self.networks = self
+        self.held: dict[str, str] = {}
+
+    async def get(self, name: str) -> Network:
+        return NETWORK
+
+    async def for_subnet(self, subnet: object) -> Network:
+        return NETWORK
+
+    async def allocate(self, network: Network, *, container: str, host: str) -> str:
+        ip = f"10.44.0.{len(self.held) + 2}"
+        self.held[ip] = container
+        return ip
+
+    async def release_if_owned(self, network: str, ip: str, owner: str) -> bool:
+        return self.held.pop(ip, None) is not None
+
+    async def all(self, *, host: str | None = None) -> list[Any]:
+        return [NETWORK] if host is None else []
+
+    async def of_network(self, network: str) -> Mapping[str, Any]:
+        return {}
+
+    async def put(self, endpoint: Endpoint) -> None:
+        pass
+
+
+async def test_a_sandbox_whose_create_is_in_flight_is_not_removed() -> None:
+    """A reconciliation between Docker creating the sandbox and the create call returning
+    leaves it alone; the attach completes with the sandbox plugged and its address held."""
+    settings = Settings(host_id="h1")
+    docker, dataplane, state = FakeDocker(), FakeDataPlane(), FakeState()
+    endpoints = EndpointManager(settings, state=state, dataplane=dataplane,  # type: ignore[arg-type]
+                                docker=docker)  # type: ignore[arg-type]
+    agent = HostAgent(settings, state=state, dataplane=dataplane,  # type: ignore[arg-type]
+                      docker=docker, endpoints=endpoints)  # type: ignore[arg-type]
+    reports = []
+
+    async def reconcile_now() -> None:
+        reports.append(await agent.reconcile())
+
+    docker.during_create = reconcile_now
+    request = CreateRequest.parse({"Env": ["SOCKETPLANE_CIDR=10.44.0.0/24"]}, app_name="app")
+    assert request is not None
+    attachment = await endpoints.attach(request)
+    assert len(reports) == 1 and reports[0].removed_sandboxes == []
+    assert docker.removed == []
+    assert attachment.sandbox_id in docker.containers_by_id
+    assert attachment.sandbox_id in dataplane.ports
+    assert state.held == {attachment.ip: attachment.sandbox_id}
+
+
+async def test_a_sandbox_left_by_a_create_that_never_returned_is_removed() -> None:
+    """The token protects only a create in flight in this process: a sandbox labelled by a
+    create that is over (a crashed serve) is an orphan, and the next reconciliation removes it."""
+    settings = Settings(host_id="h1")
+    docker, dataplane, state = FakeDocker(), FakeDataPlane(), FakeState()
+    endpoints = EndpointManager(settings, state=state, dataplane=dataplane,  # type: ignore[arg-type]
+                                docker=docker)  # type: ignore[arg-type]
+    agent = HostAgent(settings, state=state, dataplane=dataplane,  # type: ignore[arg-type]
+                      docker=docker, endpoints=endpoints)  # type: ignore[arg-type]
+    orphan = await docker.create_sandbox(SandboxSpec(image="busybox", labels={
+        "io.powerplane.role": "sandbox", "io.powerplane.host": "h1",
+        "io.powerplane.network": "net", "io.powerplane.creation": "0123456789abcdef"}))
+    report = await agent.reconcile()
+    assert report.removed_sandboxes == [orphan[:12]]
+    assert docker.removed == [orphan]
