@@ -84,6 +84,7 @@ async def host_runtime(settings: Settings, readiness: Readiness) -> AsyncIterato
                 tasks.create_task(agent.run(), name="powerplane-host-agent")
 
         task = asyncio.create_task(start_sequence(), name="powerplane-host-runtime")
+        task.add_done_callback(_report_death)
         stack.push_async_callback(_cancel, task)
         yield HostRuntime(endpoints=endpoints, docker=docker, readiness=readiness)
 
@@ -125,6 +126,14 @@ async def _retry(start: Callable[[], Awaitable[None]], readiness: Readiness, par
             log.info("%s ready", part)
             return
 
+
+
+def _report_death(task: asyncio.Task[None]) -> None:
+    # Everything in the sequence retries what it expects to fail; anything else ending it would
+    # leave serve relaying with no agent behind it, which must not go unnoticed.
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("the host runtime stopped: overlay networking no longer works on this host "
+                     "until serve is restarted", exc_info=task.exception())
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
