@@ -59,8 +59,9 @@ async def _status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     elif serve.get("state") != "ready":
         waiting = "; ".join(f"{part}: {why}" for part, why in
                             (serve.get("waiting_for") or {}).items())
-        checks["serve"] = {"ok": False, "state": "starting",
-                           "error": f"starting, waiting for {waiting or 'its parts'}"}
+        condition = str(serve.get("state") or "starting")
+        checks["serve"] = {"ok": False, "state": condition,
+                           "error": f"{condition}, waiting for {waiting or 'its parts'}"}
     else:
         checks["serve"] = {"ok": True, "state": "ready"}
     try:

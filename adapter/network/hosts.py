@@ -41,24 +41,29 @@ class Hosts:
         return watch(self._kv, "hosts/", parse_hosts)
 
     @asynccontextmanager
-    async def registered(self, host: Host, *,
-                         on_registered: Callable[[], None] | None = None) -> AsyncIterator[None]:
+    async def registered(
+        self, host: Host, *, on_registered: Callable[[], None] | None = None,
+        on_failed: Callable[[str], None] | None = None,
+    ) -> AsyncIterator[None]:
         """Hold ``hosts/<id>`` under a TTL session renewed in the background; drop it on exit.
 
         We ask Consul for half of ``host_ttl`` because it may wait up to twice a session's TTL
         (minimum 10 s). Consul being down on entry is not an error (``serve`` starts without
         Consul): the background task keeps trying and registers as soon as Consul answers.
-        ``on_registered`` is called after every successful registration.
+        ``on_registered`` is called after every successful registration, ``on_failed`` with the
+        reason after every failed attempt.
         """
         ttl = max(SESSION_TTL_MIN, math.ceil(self._host_ttl / 2))
         notify = on_registered or (lambda: None)
+        failed = on_failed or (lambda reason: None)
         holder: list[str | None] = [None]
         try:
             holder[0] = await self._register(host, ttl)
             notify()
         except StateError as exc:
             log.warning("host %s: not registered yet, will retry: %s", host.host_id, exc)
-        renewer = asyncio.create_task(self._keep_registered(host, ttl, holder, notify),
+            failed(str(exc))
+        renewer = asyncio.create_task(self._keep_registered(host, ttl, holder, notify, failed),
                                       name=f"powerplane-register-{host.host_id}")
         try:
             yield
@@ -92,7 +97,8 @@ class Hosts:
         raise StateError(f"could not register host {host.host_id!r}: its key is held elsewhere")
 
     async def _keep_registered(self, host: Host, ttl: int, holder: list[str | None],
-                               notify: Callable[[], None]) -> None:
+                               notify: Callable[[], None],
+                               failed: Callable[[str], None]) -> None:
         retry = min(1.0, ttl / 3)
         interval = ttl / 3 if holder[0] else retry
         while True:
@@ -108,6 +114,7 @@ class Hosts:
                 interval = ttl / 3
             except StateError as exc:
                 log.warning("host %s: cannot renew registration: %s", host.host_id, exc)
+                failed(str(exc))
                 interval = retry
 
 

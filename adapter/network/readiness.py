@@ -36,6 +36,7 @@ class Readiness:
         self.waiting_reasons: dict[str, str] = {}
         # Facts learnt while coming up that `status` shows (e.g. the overlay MTU in use).
         self.details: dict[str, Any] = {}
+        self.was_ready = False  # every part has been up at least once
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -95,7 +96,15 @@ class Readiness:
     def seconds_since_start(self) -> float:
         return time.monotonic() - self._started
 
+    @property
+    def state(self) -> str:
+        """``ready``; ``starting`` until it first was; ``degraded`` when a part went down since."""
+        if self.ready:
+            return "ready"
+        return "degraded" if self.was_ready else "starting"
+
     def _notify(self) -> None:
+        self.was_ready = self.was_ready or self.ready
         for observer in self._observers:
             observer(self)
 
@@ -113,7 +122,7 @@ class StatusFile:
     def write(self, readiness: Readiness) -> None:
         document = {
             "pid": os.getpid(),
-            "state": "ready" if readiness.ready else "starting",
+            "state": readiness.state,
             "waiting_for": {part: readiness.waiting_reasons.get(part, "starting")
                             for part in readiness.pending()},
             **readiness.details,

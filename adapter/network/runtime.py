@@ -96,7 +96,8 @@ async def _registered(state: State, host: Host, readiness: Readiness,
     while True:
         try:
             registered = state.hosts.registered(
-                host, on_registered=lambda: readiness.mark_up(CONSUL))
+                host, on_registered=lambda: readiness.mark_up(CONSUL),
+                on_failed=lambda reason: readiness.mark_waiting(CONSUL, reason))
             async with registered:
                 if host.underlay_ip:
                     await TunnelReconciler(dataplane, hosts=state.hosts,
