@@ -29,6 +29,7 @@ class FakeDocker:
         self.containers_by_id: dict[str, dict[str, Any]] = {}
         self.removed: list[str] = []
         self.during_create: Any = None
+        self.after_listing_apps: Any = None
 
     async def create_sandbox(self, spec: SandboxSpec) -> str:
         sandbox_id = f"{len(self.containers_by_id) + 1:064x}"
@@ -40,8 +41,12 @@ class FakeDocker:
 
     async def containers(self, *, label: str) -> list[dict[str, Any]]:
         key, _, value = label.partition("=")
-        return [c for c in self.containers_by_id.values()
-                if key in c["Labels"] and (not value or c["Labels"][key] == value)]
+        found = [c for c in self.containers_by_id.values()
+                 if key in c["Labels"] and (not value or c["Labels"][key] == value)]
+        if key == "io.powerplane.sandbox" and self.after_listing_apps is not None:
+            hook, self.after_listing_apps = self.after_listing_apps, None
+            await hook()
+        return found
 
     async def start(self, container: str) -> None:
         self.containers_by_id[container]["State"] = "running"
@@ -125,6 +130,37 @@ async def test_a_sandbox_whose_create_is_in_flight_is_not_removed() -> None:
     attachment = await endpoints.attach(request)
     assert len(reports) == 1 and reports[0].removed_sandboxes == []
     assert docker.removed == []
+    assert attachment.sandbox_id in docker.containers_by_id
+    assert attachment.sandbox_id in dataplane.ports
+    assert state.held == {attachment.ip: attachment.sandbox_id}
+
+
+async def test_an_app_committed_during_a_reconciliation_keeps_its_sandbox() -> None:
+    """The app's create returns and is committed just after the reconciler listed the apps
+    (so its listing lacks the app): the sandbox, its port and its address stay."""
+    settings = Settings(host_id="h1")
+    docker, dataplane, state = FakeDocker(), FakeDataPlane(), FakeState()
+    endpoints = EndpointManager(settings, state=state, dataplane=dataplane,  # type: ignore[arg-type]
+                                docker=docker)  # type: ignore[arg-type]
+    agent = HostAgent(settings, state=state, dataplane=dataplane,  # type: ignore[arg-type]
+                      docker=docker, endpoints=endpoints)  # type: ignore[arg-type]
+    request = CreateRequest.parse({"Env": ["SOCKETPLANE_CIDR=10.44.0.0/24"]}, app_name="app")
+    assert request is not None
+    attachment = await endpoints.attach(request)
+
+    async def app_created_and_committed() -> None:
+        app_id = "a" * 64
+        docker.containers_by_id[app_id] = {
+            "Id": app_id, "State": "created",
+            "Labels": attachment.app_labels("h1")}
+        await endpoints.commit(app_id=app_id, network="net", ip=attachment.ip,
+                               mac=attachment.mac, port=attachment.port,
+                               sandbox_id=attachment.sandbox_id)
+
+    docker.after_listing_apps = app_created_and_committed
+    report = await agent.reconcile()
+    assert (report.removed_sandboxes, report.removed_ports, report.released_addresses) == (
+        [], [], [])
     assert attachment.sandbox_id in docker.containers_by_id
     assert attachment.sandbox_id in dataplane.ports
     assert state.held == {attachment.ip: attachment.sandbox_id}

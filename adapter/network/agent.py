@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,6 +128,13 @@ class HostAgent:
 
     async def _reconcile(self) -> ReconcileReport:
         report = ReconcileReport()
+        # Creates go on while this runs, so the order of reads matters. Endpoint records first:
+        # an app is created before its record is written, so every recorded app is in the
+        # Docker listing that follows unless it is really gone. Sandboxes before apps: a
+        # sandbox's app appears after it. And a sandbox whose app was committed after this
+        # pass began is judged by the next pass, not by listings older than that commit.
+        began = time.monotonic()
+        endpoints = {e.container_id: e for e in await self._state.endpoints.all(host=self._host)}
         sandboxes = {c["Id"]: c for c in await self._docker.containers(
             label=f"{LABEL_ROLE}={SANDBOX_ROLE}")
             if (c.get("Labels") or {}).get(LABEL_HOST) == self._host}
@@ -134,7 +142,6 @@ class HostAgent:
         sandbox_of_app = {app_id: (c.get("Labels") or {})[LABEL_SANDBOX]
                           for app_id, c in apps.items()}
         used_sandboxes = set(sandbox_of_app.values())
-        endpoints = {e.container_id: e for e in await self._state.endpoints.all(host=self._host)}
 
         for app_id, endpoint in endpoints.items():
             if app_id not in apps:
@@ -155,17 +162,20 @@ class HostAgent:
 
         for sandbox_id, sandbox in sandboxes.items():
             labels = sandbox.get("Labels") or {}
-            if sandbox_id in used_sandboxes or self._endpoints.is_pending(sandbox_id, labels):
+            if sandbox_id in used_sandboxes or self._endpoints.is_pending(sandbox_id, labels,
+                                                                          since=began):
                 continue
             network = labels.get(LABEL_NETWORK, "")
             await self._endpoints.remove_orphan_sandbox(sandbox_id, network)
             report.removed_sandboxes.append(sandbox_id[:12])
         live = {s for s, sandbox in sandboxes.items() if s in used_sandboxes
-                or self._endpoints.is_pending(s, sandbox.get("Labels") or {})}
+                or self._endpoints.is_pending(s, sandbox.get("Labels") or {}, since=began)}
 
         plugged = {p.container_id: p for p in await self._dataplane.plugged()}
         for container_id in plugged:
-            if container_id not in live:
+            # A sandbox made after the listing above may be plugged by now: pending, not orphan.
+            if container_id not in live and not self._endpoints.is_pending(container_id,
+                                                                            since=began):
                 await self._dataplane.unplug(container_id)
                 report.removed_ports.append(container_id[:12])
         for sandbox_id in live:
@@ -178,7 +188,7 @@ class HostAgent:
         for network in await self._state.networks.all():
             for ip, record in (await self._state.addresses.of_network(network.name)).items():
                 if (record.host == self._host and record.container not in live
-                        and not self._endpoints.is_pending(record.container)):
+                        and not self._endpoints.is_pending(record.container, since=began)):
                     await self._endpoints.release_if_owned(network.name, ip, record.container)
                     report.released_addresses.append(f"{network.name}/{ip}")
         return report

@@ -109,6 +109,9 @@ class EndpointManager:
         self._dataplane = dataplane
         self._docker = docker
         self._pending: dict[str, float] = {}
+        # When each sandbox's app was last committed: a reconciliation that began before that
+        # moment holds listings too old to judge it by.
+        self._committed_at: dict[str, float] = {}
         # Tokens (label LABEL_CREATION) of sandboxes whose create call has not returned yet.
         self._creating: set[str] = set()
         self._locks = KeyedLocks()
@@ -121,14 +124,18 @@ class EndpointManager:
     def host_id(self) -> str:
         return self._settings.host_id
 
-    def is_pending(self, sandbox_id: str, labels: Mapping[str, str] | None = None) -> bool:
-        """True for a sandbox this process is still attaching (or waiting for its app).
+    def is_pending(self, sandbox_id: str, labels: Mapping[str, str] | None = None, *,
+                   since: float | None = None) -> bool:
+        """True for a sandbox this process is still attaching (or waiting for its app), or
+        whose app was committed at or after ``since`` (when a reconciliation began).
 
         Docker lists a sandbox as soon as it exists, a moment before our create call returns
         its id: ``labels`` (as listed) let the sandbox be recognised by the token it was
         created with during that moment.
         """
         if labels is not None and labels.get(LABEL_CREATION) in self._creating:
+            return True
+        if since is not None and self._committed_at.get(sandbox_id, float("-inf")) >= since:
             return True
         deadline = self._pending.get(sandbox_id)
         return deadline is not None and deadline > time.monotonic()
@@ -202,6 +209,7 @@ class EndpointManager:
         await self._state.endpoints.put(Endpoint(
             container_id=app_id, network=network, ip=ip, mac=mac, host=self.host_id,
             port=port, sandbox=sandbox_id))
+        self._committed_at[sandbox_id] = time.monotonic()
         self._pending.pop(sandbox_id, None)
         self._sandbox_of_app[app_id] = sandbox_id
 
@@ -226,6 +234,7 @@ class EndpointManager:
     async def _remove_sandbox(self, sandbox_id: str, network: str, ip: str | None) -> None:
         async with self._locks.hold(sandbox_id):
             self._plugged_pid.pop(sandbox_id, None)
+            self._committed_at.pop(sandbox_id, None)
             await self._dataplane.unplug(sandbox_id)
             await self._docker.remove(sandbox_id)
             if ip is not None:
