@@ -24,6 +24,7 @@ host's namespace, sandbox containers on dockerd. It prints one line,
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import signal
 import statistics
@@ -41,6 +42,7 @@ CIDR = "10.0.9.0/24"
 RUN = ("run", "--pull=never", "-e", f"SOCKETPLANE_CIDR={CIDR}")
 # After the last cycle, leftovers must be gone within a few reconciliations.
 SETTLE_SECONDS = 10 * RECONCILE_INTERVAL
+KILL_WINDOW_SECONDS = 1.5
 
 
 def _cycle_rm(host: Host, name: str) -> None:
@@ -63,7 +65,8 @@ def _cycle_kill_serve(host: Host, name: str, rng: random.Random) -> str:
     create = threading.Thread(target=lambda: outcome.append(host.docker_cli(
         *RUN, "-d", "--name", name, "busybox", "sleep", "600", check=False, timeout=120)))
     create.start()
-    time.sleep(rng.uniform(0.0, 0.4))
+    # A create takes about a second here: kill anywhere in it, from the first hook to the end.
+    time.sleep(rng.uniform(0.0, KILL_WINDOW_SECONDS))
     host.kill_serve(signal.SIGKILL)
     create.join(timeout=120)
     host.start_serve()
@@ -120,7 +123,8 @@ def main() -> int:
         while any(left.values()) and time.monotonic() < deadline:
             time.sleep(RECONCILE_INTERVAL / 2)
             left = leftovers(host, lab)
-    print(f"machine: {sys.platform}, {len(kinds)} kinds of cycle, seed {args.seed}, "
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    print(f"{os.cpu_count()} cores, load average {load}; seed {args.seed}; "
           f"{time.perf_counter() - began:.0f} s in all")
     for kind, count in sorted(kinds.items()):
         print(f"  {count:4d} x {kind}")
