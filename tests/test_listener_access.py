@@ -6,21 +6,27 @@ running as ``nobody`` through ``setpriv``, with or without the ``docker`` group.
 
 from __future__ import annotations
 
+import argparse
 import grp
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import yaml
 
+from adapter.settings import CONSUL_OPTIONS, SERVE_OPTIONS, Settings, load_settings
 from tests.fixtures.dockerd import StartProxy
 from tests.support.consul import free_port
 from tests.support.dockerd import DockerDaemon
 
+ROOT = Path(__file__).resolve().parents[1]
 POWERPLANE = str(Path(sys.executable).with_name("powerplane"))
 NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
 PING_OK = "HTTP/1.1 200 OK | OK"
@@ -97,6 +103,93 @@ def test_socket_admits_root_and_docker_group_only(
     # what refused it.
     assert ping_as(NOBODY, proxy.socket.with_name("absent.sock")) == "ENOENT"
     assert "(group docker, mode 0660)" in proxy.log()
+
+
+def deploy_configurations(tmp_path: Path) -> dict[str, Settings]:
+    """The settings each shipped way of running serve gives it, as far as listeners go."""
+    options = (*CONSUL_OPTIONS, *SERVE_OPTIONS)
+    subprocess.run([str(ROOT / "deploy" / "host-setup.sh"), "--index", "1", "--nodes",
+                    "10.9.0.1", "--config-only", str(tmp_path / "host-setup")], check=True,
+                   capture_output=True, timeout=60)
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yml").read_text())
+    compose_env = {name: re.sub(r"\$\{\w+:-(\w+)\}", r"\1", str(value)) for name, value in
+                   compose["services"]["powerplane"]["environment"].items()}
+    env_files = {
+        "deploy/powerplane.env (systemd unit)": ROOT / "deploy" / "powerplane.env",
+        "host-setup.sh's /etc/default/powerplane (systemd unit, vagrant)":
+            tmp_path / "host-setup" / "powerplane.env",
+    }
+    configurations = {
+        name: load_settings(argparse.Namespace(), read_env_file(path), options)
+        for name, path in env_files.items()
+    }
+    configurations["deploy/compose.yml"] = load_settings(argparse.Namespace(), compose_env,
+                                                         options)
+    # demo.sh passes its listener as flags; the rest is serve's defaults.
+    demo = (ROOT / "deploy" / "demo.sh").read_text()
+    demo_listeners = re.findall(r"--listen\s+(\S+)", demo)
+    assert demo_listeners == ['"$proxy_url"'] and "proxy_url=unix://" in demo
+    assert "tcp://" not in demo
+    configurations["deploy/demo.sh"] = Settings()
+    # The unit itself passes nothing: everything comes from /etc/default/powerplane.
+    unit = (ROOT / "deploy" / "systemd" / "powerplane.service").read_text()
+    assert re.search(r"^ExecStart=/usr/local/bin/powerplane serve$", unit, re.MULTILINE)
+    return configurations
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, value = line.partition("=")
+            values[name.strip()] = value.strip()
+    return values
+
+
+def test_no_shipped_configuration_gives_nobody_the_docker_api(
+    dockerd: DockerDaemon, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """Every listener the demo, the units, host-setup and compose start refuses nobody.
+
+    Each configuration's listeners are started for real (unix paths moved under a private
+    directory, the group kept): a unix socket refuses nobody and admits a docker member; a TCP
+    listener without TLS must stop serve at start.
+    """
+    configurations = deploy_configurations(tmp_path)
+    assert set(configurations) >= {"deploy/demo.sh", "deploy/compose.yml"}
+    for name, settings in configurations.items():
+        listen_dir = searchable_dir()
+        flags: list[str] = ["--group", settings.group]
+        sockets: list[Path] = []
+        for url in settings.listen:
+            if url.startswith("unix://"):
+                sockets.append(listen_dir / f"{len(sockets)}.sock")
+                flags += ["--listen", f"unix://{sockets[-1]}"]
+            else:
+                flags += ["--listen", re.sub(r":\d+$", f":{free_port()}", url)]
+        if settings.insecure_tcp_gives_root:
+            flags.append("--insecure-tcp-gives-root")
+        if any(not url.startswith("unix://") for url in settings.listen):
+            assert settings.tls_cert, f"{name}: a TCP listener without TLS"
+            refused = serve_refusal(*flags)
+            assert refused.returncode == 1, f"{name}: serve started a TCP listener without TLS"
+            continue
+        proxy = start_proxy(dockerd.url, flags)
+        try:
+            for path in sockets:
+                assert ping_as(NOBODY, path.with_name("absent.sock")) == "ENOENT", name
+                assert ping_as(NOBODY, path) == "EACCES", name
+                assert ping_as(member_of("docker"), path) == PING_OK, name
+        finally:
+            proxy.stop()
+            shutil.rmtree(listen_dir)
+
+
+def searchable_dir() -> Path:
+    """A fresh directory everyone may search, like /run/powerplane (pytest's tmp_path is not)."""
+    path = Path(tempfile.mkdtemp(prefix="ppl-", dir="/tmp"))
+    path.chmod(0o755)
+    return path
 
 
 @pytest.mark.parametrize("listen", ["tcp://127.0.0.1:{port}", "tcp://localhost:{port}",
