@@ -1,4 +1,4 @@
-# Shell helpers shared by deploy/demo.sh, deploy/demo-down.sh and deploy/host-setup.sh.
+# Shell helpers shared by deploy/install.sh, demo.sh, demo-down.sh and host-setup.sh.
 # Sourced, not run: the caller sets `set -euo pipefail`.
 # shellcheck shell=bash
 
@@ -73,4 +73,50 @@ import_busybox() {
   printf 'root:x:0:\n' > "$rootfs/etc/group"
   tar -C "$rootfs" -c . | docker -H "$url" import --change 'CMD ["sh"]' - "$tag" >/dev/null
   rm -rf "$rootfs"
+}
+
+# hold_service_starts POLICY: keep Debian packages from starting their daemons while they
+# install (POLICY is /usr/sbin/policy-rc.d; a policy that answers 101). An administrator's own POLICY file is set aside and
+# release_service_starts puts it back unchanged. What an interrupted run left is undone first.
+hold_service_starts() {
+  local policy=$1
+  local saved="$policy.powerplane-saved"
+  if [ -e "$saved" ] || [ -L "$saved" ]; then
+    mv -f "$saved" "$policy"
+  elif grep -qs "^$policy_marker" "$policy"; then
+    rm -f "$policy"
+  fi
+  if [ -e "$policy" ] || [ -L "$policy" ]; then mv "$policy" "$saved"; fi
+  { printf '#!/bin/sh\n%s while it installs packages.\nexit 101\n' "$policy_marker"; } \
+    > "$policy.powerplane-new"
+  chmod 0755 "$policy.powerplane-new"
+  mv -f "$policy.powerplane-new" "$policy"
+}
+
+# release_service_starts POLICY: undo hold_service_starts; safe to call when nothing is held.
+release_service_starts() {
+  local policy=$1
+  local saved="$policy.powerplane-saved"
+  if [ -e "$saved" ] || [ -L "$saved" ]; then
+    mv -f "$saved" "$policy"
+  elif grep -qs "^$policy_marker" "$policy"; then
+    rm -f "$policy"
+  fi
+  rm -f "$policy.powerplane-new"
+}
+policy_marker="# Written by Powerplane's deploy/install.sh"
+
+# apt_install_holding_services POLICY PACKAGE...: apt-get install the PACKAGEs with their
+# daemons held (hold_service_starts POLICY). The administrator's own POLICY is back afterwards,
+# also when apt-get fails or the script is interrupted: an EXIT trap releases it.
+apt_install_holding_services() {
+  local policy=$1
+  shift
+  # shellcheck disable=SC2064  # the path is fixed now, quoted by printf %q
+  trap "release_service_starts $(printf %q "$policy")" EXIT
+  trap 'exit 130' INT TERM HUP
+  hold_service_starts "$policy"
+  apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+  release_service_starts "$policy"
+  trap - EXIT INT TERM HUP
 }

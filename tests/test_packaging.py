@@ -7,7 +7,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -239,3 +241,86 @@ def test_demo_helpers_import_busybox_and_stop_by_pidfile(tmp_path: Path) -> None
         sleeper.kill()
         sleeper.wait()
         daemon.stop()
+
+
+FAKE_APT_GET = """#!/bin/sh
+cat "$POLICY_UNDER_TEST" > "$SEEN"
+case "$FAKE_APT" in
+  fail) exit 100 ;;
+  hang) echo started > "$SEEN.started"; sleep 60 ;;
+esac
+"""
+
+
+def install_step(policy: Path, tmp_path: Path, behaviour: str) -> subprocess.Popen[str]:
+    """lib.sh's apt_install_holding_services as install.sh runs it, with a fake apt-get."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "apt-get").write_text(FAKE_APT_GET)
+    (bin_dir / "apt-get").chmod(0o755)
+    script = (f'set -euo pipefail; . {ROOT / "deploy" / "lib.sh"}; '
+              'apt_install_holding_services "$1" docker.io consul; echo installed')
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_APT": behaviour,
+           "POLICY_UNDER_TEST": str(policy), "SEEN": str(tmp_path / "seen")}
+    return subprocess.Popen(["bash", "-c", script, "install", str(policy)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_started(tmp_path: Path) -> None:
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "seen.started").exists():
+        assert time.monotonic() < deadline, "the fake apt-get never started"
+        time.sleep(0.02)
+
+
+def test_install_puts_the_administrators_policy_rc_d_back(tmp_path: Path) -> None:
+    """Packages install with services held; an existing policy-rc.d is the same file after,
+    also when apt-get fails, on SIGTERM, and after a SIGKILL once the next run is over."""
+    policy = tmp_path / "policy-rc.d"
+    admin = "#!/bin/sh\n# the administrator's own\nexit 0\n"
+    policy.write_text(admin)
+    policy.chmod(0o700)
+    original = policy.stat()
+
+    def unchanged() -> bool:
+        now = policy.stat()
+        return (policy.read_text(), now.st_ino, now.st_mode) == (
+            admin, original.st_ino, original.st_mode) and sorted(
+            p.name for p in tmp_path.iterdir() if p.name.startswith("policy")) == ["policy-rc.d"]
+
+    done = install_step(policy, tmp_path, "ok")
+    assert done.wait(30) == 0 and done.stdout and "installed" in done.stdout.read()
+    assert "exit 101" in (tmp_path / "seen").read_text()
+    assert unchanged()
+
+    failed = install_step(policy, tmp_path, "fail")
+    assert failed.wait(30) == 100
+    assert unchanged()
+
+    for sig, restored in ((signal.SIGTERM, True), (signal.SIGKILL, False)):
+        (tmp_path / "seen.started").unlink(missing_ok=True)
+        step = install_step(policy, tmp_path, "hang")
+        wait_started(tmp_path)
+        os.killpg(step.pid, sig)  # like ^C: the whole foreground job
+        step.wait(30)
+        assert unchanged() is restored
+    # After the SIGKILL the next run finds the set-aside file and puts it back.
+    again = install_step(policy, tmp_path, "ok")
+    assert again.wait(30) == 0
+    assert "exit 101" in (tmp_path / "seen").read_text()
+    assert unchanged()
+
+
+def test_install_leaves_no_policy_rc_d_where_there_was_none(tmp_path: Path) -> None:
+    """Without a policy-rc.d before, there is none after (success, failure or SIGTERM)."""
+    policy = tmp_path / "policy-rc.d"
+    for behaviour in ("ok", "fail", "hang"):
+        (tmp_path / "seen.started").unlink(missing_ok=True)
+        step = install_step(policy, tmp_path, behaviour)
+        if behaviour == "hang":
+            wait_started(tmp_path)
+            os.killpg(step.pid, signal.SIGTERM)
+        step.wait(30)
+        assert "exit 101" in (tmp_path / "seen").read_text()
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith("policy")] == []
