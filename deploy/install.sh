@@ -32,12 +32,18 @@ packages=(docker.io openvswitch-switch busybox-static iproute2 nftables ethtool 
 if [ "$want_test" = 1 ]; then packages+=(shellcheck debootstrap vagrant systemd tcpdump); fi
 
 # Consul is not in bookworm; bullseye's consul is a real server. A low pin keeps every
-# other package on bookworm.
+# other package on bookworm. Bullseye comes from the mirror this machine's apt already uses.
 if [ ! -f /etc/apt/sources.list.d/bullseye.sources ]; then
-  say "adding Debian bullseye (low pin) for consul"
-  cat > /etc/apt/sources.list.d/bullseye.sources <<'SRC'
+  codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+  if ! archive=$(debian_archive_uri "$codename"); then
+    echo "install.sh: no Debian archive for '$codename' in this machine's apt sources" \
+      "(/etc/apt/sources.list.d/*.sources, sources.list): cannot add bullseye for consul" >&2
+    exit 1
+  fi
+  say "adding Debian bullseye (low pin) from $archive for consul"
+  cat > /etc/apt/sources.list.d/bullseye.sources <<SRC
 Types: deb
-URIs: http://deb.debian.org/debian
+URIs: $archive
 Suites: bullseye
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg

@@ -243,6 +243,49 @@ def test_demo_helpers_import_busybox_and_stop_by_pidfile(tmp_path: Path) -> None
         daemon.stop()
 
 
+def archive_uri(suite: str, apt_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """deploy/lib.sh's debian_archive_uri, run for real."""
+    args = [suite] if apt_dir is None else [suite, str(apt_dir)]
+    return subprocess.run(["bash", "-c", '. "$0" && debian_archive_uri "$@"',
+                           str(ROOT / "deploy" / "lib.sh"), *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_debian_archive_uri_follows_the_apt_sources(tmp_path: Path) -> None:
+    """The mirror comes from deb822 sources (enabled, right suite, continuation lines), else
+    from one-line sources.list entries; a suite no source names is an error."""
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list.d" / "a.sources").write_text(
+        "Types: deb\n# a comment\nURIs: http://security.example/debian-security\n"
+        "Suites: bookworm-security\nComponents: main\n\n"
+        "Types: deb\nURIs: http://off.example/debian\nSuites: bookworm\nEnabled: no\n\n"
+        "Types: deb-src\nURIs: http://src.example/debian\nSuites: bookworm\n")
+    (tmp_path / "sources.list.d" / "b.sources").write_text(
+        "Types: deb\nURIs:\n http://mirror.example/debian/\nSuites: bookworm bookworm-updates\n"
+        "Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg")
+    (tmp_path / "sources.list").write_text(
+        "# deb http://commented.example/debian trixie main\n"
+        "deb [arch=amd64 signed-by=/k.gpg] http://one-line.example/debian trixie main\n")
+    assert archive_uri("bookworm", tmp_path).stdout == "http://mirror.example/debian\n"
+    assert archive_uri("trixie", tmp_path).stdout == "http://one-line.example/debian\n"
+    missing = archive_uri("sid", tmp_path)
+    assert (missing.returncode, missing.stdout) == (1, "")
+    # This machine: the URI is one its apt sources really name.
+    here = archive_uri("bookworm")
+    assert here.returncode == 0, here.stderr
+    sources = "\n".join(path.read_text() for path in [
+        *Path("/etc/apt/sources.list.d").glob("*.sources"), Path("/etc/apt/sources.list")]
+        if path.exists())
+    assert here.stdout.strip() in sources
+
+
+def test_no_hard_coded_debian_archive() -> None:
+    """Installers and the base-image builder name no archive address of their own."""
+    for path in [*sorted((ROOT / "deploy").glob("*.sh")),
+                 ROOT / "tests" / "support" / "baseimage.py"]:
+        assert not re.search(r"https?://[\w.-]*debian\.org", path.read_text()), path
+
+
 FAKE_APT_GET = """#!/bin/sh
 cat "$POLICY_UNDER_TEST" > "$SEEN"
 case "$FAKE_APT" in
