@@ -119,7 +119,10 @@ def test_plug_unplug_reconcile_twice_change_nothing(lab4: Lab, wired: dict[str, 
             "network": network, "ip": "10.71.0.99"}
     lab4.dataplane(0, plug)
     ovs_before = _ovsdb_snapshot(lab4, 0)
-    link_before = ns.run(["ip", "-d", "addr", "show", "eth0"]).stdout
+    # The kernel clears the link-local address's "tentative" flag by itself once duplicate
+    # address detection is over (about a second): compare only after that.
+    link_before = _wait(lambda: (out := ns.run(["ip", "-d", "addr", "show", "eth0"]).stdout)
+                        and "tentative" not in out and out, "IPv6 DAD on eth0")
     lab4.dataplane(0, plug)
     assert _ovsdb_snapshot(lab4, 0) == ovs_before
     assert ns.run(["ip", "-d", "addr", "show", "eth0"]).stdout == link_before
