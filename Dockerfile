@@ -15,6 +15,7 @@
 #     -v /var/run/openvswitch:/var/run/openvswitch \
 #     -v /run/powerplane:/run/powerplane \
 #     --pid host \
+#     -e POWERPLANE_GROUP="$(getent group docker | cut -d: -f3)" \
 #     -e POWERPLANE_UNDERLAY_IP=192.168.50.11 powerplane
 # Why each of those:
 #   --network host       the proxy listens on the host's loopback and the agent creates veths,
@@ -28,6 +29,8 @@
 #                        stays on the host (openvswitch-switch), the image only talks to it.
 #   /run/powerplane      the proxy's unix socket, so host clients can use
 #                        DOCKER_HOST=unix:///run/powerplane/docker.sock.
+#   POWERPLANE_GROUP     the host's docker group by number: names are looked up in the image,
+#                        which has no docker group (then only root can use the socket).
 # Where --privileged is refused (a VM whose capability bounding set lacks CAP_SYS_RESOURCE, as on
 # our test machines), the same capabilities without that one:
 #   --cap-add ALL --cap-drop SYS_RESOURCE --security-opt seccomp=unconfined

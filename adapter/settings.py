@@ -40,6 +40,8 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    group: str = "docker"
+    insecure_tcp_gives_root: bool = False
     sandbox_image: str = "busybox:latest"
     mtu: int | None = None
     vni_min: int = 256
@@ -66,6 +68,8 @@ class Option:
     parse: Callable[[str], Any] = str
     repeatable: bool = False
     metavar: str | None = None
+    # A switch takes no value on the command line; its variable is a yes/no word.
+    switch: bool = False
 
     @property
     def env(self) -> str:
@@ -96,6 +100,15 @@ def _mtu(value: str) -> int:
     return number
 
 
+def _yes_no(value: str) -> bool:
+    word = value.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be one of 1, true, yes, on, 0, false, no, off")
+
+
 def _consul_addr(value: str) -> str:
     # CONSUL_HTTP_ADDR may carry a scheme; the scheme is split off by load_settings.
     return value.strip()
@@ -114,8 +127,14 @@ CONSUL_OPTIONS: tuple[Option, ...] = (
 
 SERVE_OPTIONS: tuple[Option, ...] = (
     Option("listen", "--listen", "where the proxy listens: unix:///PATH or tcp://HOST:PORT; "
-           "repeatable (default unix:///run/powerplane/docker.sock). A non-loopback TCP address "
-           "needs --tls-cert, --tls-key and --tls-ca", repeatable=True, metavar="URL"),
+           "repeatable (default unix:///run/powerplane/docker.sock). A TCP address needs "
+           "--tls-cert, --tls-key and --tls-ca", repeatable=True, metavar="URL"),
+    Option("group", "--group", "group owning the unix sockets, mode 0660, like dockerd's "
+           "--group (default docker); its members may use the proxy, which is root on this "
+           "host", metavar="GROUP"),
+    Option("insecure_tcp_gives_root", "--insecure-tcp-gives-root", "allow a loopback TCP "
+           "listener without TLS: every local user who connects is root on this host",
+           parse=_yes_no, switch=True),
     Option("docker_url", "--docker", "upstream Docker daemon (default "
            "unix:///var/run/docker.sock)", metavar="URL"),
     Option("adapters_file", "--adapters", "Powerstrip adapters.yml naming the hooks to run",
@@ -159,13 +178,19 @@ def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> N
     """Add flags for ``options``; the help names each one's environment variable."""
     for option in options:
         env_names = ", ".join((option.env, *option.env_fallbacks))
+        help_text = f"{option.help} [env: {env_names}]"
+        if option.switch:
+            # The flag stores the word its variable would hold, so both parse alike.
+            parser.add_argument(option.flag, dest=option.field, action="store_const",
+                                const="yes", default=None, help=help_text)
+            continue
         parser.add_argument(
             option.flag,
             dest=option.field,
             action="append" if option.repeatable else "store",
             default=None,
             metavar=option.metavar,
-            help=f"{option.help} [env: {env_names}]",
+            help=help_text,
         )
 
 

@@ -108,7 +108,9 @@ say "powerplane serve"
 if alive "$state/serve.pid" && docker_ping "$proxy_sock"; then
   note "already running (pid $(cat "$state/serve.pid"))"
 else
-  serve_args=(--listen "$proxy_url" --listen tcp://127.0.0.1:2375
+  # Only the unix socket (group docker, mode 0660): a plain TCP port would make every local
+  # user root on this host.
+  serve_args=(--listen "$proxy_url"
               --docker "unix://$dockerd_sock" --consul 127.0.0.1:8500
               --adapters "$here/deploy/adapters.yml" --datapath "$datapath"
               --sandbox-image "$image")
@@ -153,7 +155,7 @@ docker exec pp-demo-1 ping -c 3 -W 2 "$ip2"
 
 cat <<MSG
 
-Done. Point your Docker client at Powerplane:
+Done. Point your Docker client at Powerplane (root and members of the docker group):
 
     export DOCKER_HOST=$proxy_url
 

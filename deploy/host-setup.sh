@@ -95,7 +95,7 @@ cat > "$tmp/powerplane.env" <<ENV
 # Written by deploy/host-setup.sh; see docs/configuration.md for every variable.
 POWERPLANE_UNDERLAY_IP=$underlay_ip
 POWERPLANE_CONSUL=127.0.0.1:8500
-POWERPLANE_LISTEN=unix:///run/powerplane/docker.sock,tcp://127.0.0.1:2375
+POWERPLANE_LISTEN=unix:///run/powerplane/docker.sock
 POWERPLANE_DOCKER=unix:///var/run/docker.sock
 POWERPLANE_ADAPTERS=/etc/powerplane/adapters.yml
 POWERPLANE_DATAPATH=$datapath

@@ -20,10 +20,10 @@ done
 
 [ "$(id -u)" = 0 ] || { echo "install.sh: must run as root" >&2; exit 1; }
 here=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=SCRIPTDIR/lib.sh
+. "$here/deploy/lib.sh"
 venv=${POWERPLANE_VENV:-/opt/powerplane}
 export DEBIAN_FRONTEND=noninteractive
-
-say() { printf '==> %s\n' "$*"; }
 
 packages=(docker.io openvswitch-switch busybox-static iproute2 nftables ethtool iputils-ping
           iperf3 curl socat python3-venv python3-pip psmisc procps)
@@ -32,12 +32,18 @@ packages=(docker.io openvswitch-switch busybox-static iproute2 nftables ethtool 
 if [ "$want_test" = 1 ]; then packages+=(shellcheck debootstrap vagrant systemd tcpdump); fi
 
 # Consul is not in bookworm; bullseye's consul is a real server. A low pin keeps every
-# other package on bookworm.
+# other package on bookworm. Bullseye comes from the mirror this machine's apt already uses.
 if [ ! -f /etc/apt/sources.list.d/bullseye.sources ]; then
-  say "adding Debian bullseye (low pin) for consul"
-  cat > /etc/apt/sources.list.d/bullseye.sources <<'SRC'
+  codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+  if ! archive=$(debian_archive_uri "$codename"); then
+    echo "install.sh: no Debian archive for '$codename' in this machine's apt sources" \
+      "(/etc/apt/sources.list.d/*.sources, sources.list): cannot add bullseye for consul" >&2
+    exit 1
+  fi
+  say "adding Debian bullseye (low pin) from $archive for consul"
+  cat > /etc/apt/sources.list.d/bullseye.sources <<SRC
 Types: deb
-URIs: http://deb.debian.org/debian
+URIs: $archive
 Suites: bullseye
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
@@ -58,11 +64,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
   apt-get update -qq
   # Debian's packages start their daemons on install; with no init system here that can fail
-  # harmlessly, so a policy-rc.d keeps postinst from trying.
-  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
-  trap 'rm -f /usr/sbin/policy-rc.d' EXIT
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  rm -f /usr/sbin/policy-rc.d
+  # harmlessly, so a policy-rc.d keeps postinst from trying. An administrator's own
+  # policy-rc.d is set aside meanwhile and put back unchanged, also when this is interrupted.
+  apt_install_holding_services /usr/sbin/policy-rc.d "${missing[@]}"
 fi
 
 say "python package into $venv"

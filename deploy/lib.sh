@@ -1,4 +1,5 @@
-# Shell helpers shared by deploy/demo.sh, deploy/demo-down.sh and deploy/host-setup.sh.
+# Shell helpers shared by deploy/install.sh, demo.sh, demo-down.sh and host-setup.sh (and
+# tests/support/baseimage.py, for the apt mirror).
 # Sourced, not run: the caller sets `set -euo pipefail`.
 # shellcheck shell=bash
 
@@ -73,4 +74,102 @@ import_busybox() {
   printf 'root:x:0:\n' > "$rootfs/etc/group"
   tar -C "$rootfs" -c . | docker -H "$url" import --change 'CMD ["sh"]' - "$tag" >/dev/null
   rm -rf "$rootfs"
+}
+
+# debian_archive_uri SUITE [APT_DIR]: the Debian archive URI this machine's own apt sources use
+# for SUITE (e.g. bookworm), from APT_DIR/sources.list.d/*.sources (deb822) first, then the
+# one-line sources.list files (APT_DIR is /etc/apt by default). Installers take their mirror from
+# here, never a hard-coded address: the machine may only reach its own mirror. Prints nothing
+# and fails when no enabled source names SUITE.
+debian_archive_uri() {
+  local suite=$1 apt_dir=${2:-/etc/apt} uri=""
+  local deb822=() one_line=()
+  local file
+  for file in "$apt_dir"/sources.list.d/*.sources; do
+    [ -f "$file" ] && deb822+=("$file")
+  done
+  for file in "$apt_dir"/sources.list "$apt_dir"/sources.list.d/*.list; do
+    [ -f "$file" ] && one_line+=("$file")
+  done
+  if [ ${#deb822[@]} -gt 0 ]; then
+    # Stanzas are separated by blank lines (and files); a line starting with a blank continues
+    # the field above it. The first enabled "deb" stanza whose Suites has SUITE wins.
+    uri=$(awk -v want="$suite" '
+      function has(list, word,   n, i, parts) {
+        n = split(list, parts, /[ \t]+/)
+        for (i = 1; i <= n; i++) if (parts[i] == word) return 1
+        return 0
+      }
+      function stanza_end(   n, parts) {
+        if (!done && has(f["types"], "deb") && has(f["suites"], want) &&
+            tolower(f["enabled"]) !~ /^[ \t]*no/) {
+          n = split(f["uris"], parts, /[ \t]+/)
+          if (parts[1] == "" && n > 1) parts[1] = parts[2]
+          if (parts[1] != "") { print parts[1]; done = 1 }
+        }
+        split("", f); key = ""
+      }
+      FNR == 1 { stanza_end() }
+      /^#/ { next }
+      /^[ \t]*$/ { stanza_end(); next }
+      /^[ \t]/ { if (key != "") f[key] = f[key] " " $0; next }
+      { key = tolower(substr($0, 1, index($0, ":") - 1)); f[key] = substr($0, index($0, ":") + 1) }
+      END { stanza_end() }' "${deb822[@]}")
+  fi
+  if [ -z "$uri" ] && [ ${#one_line[@]} -gt 0 ]; then
+    # deb [option=value ...] URI SUITE COMPONENT...
+    uri=$(awk -v want="$suite" '
+      /^[ \t]*deb[ \t]/ {
+        sub(/\[[^]]*\]/, "")
+        if ($3 == want) { print $2; exit }
+      }' "${one_line[@]}")
+  fi
+  [ -n "$uri" ] || return 1
+  printf '%s\n' "${uri%/}"
+}
+
+# hold_service_starts POLICY: keep Debian packages from starting their daemons while they
+# install (POLICY is /usr/sbin/policy-rc.d; a policy that answers 101). An administrator's own POLICY file is set aside and
+# release_service_starts puts it back unchanged. What an interrupted run left is undone first.
+hold_service_starts() {
+  local policy=$1
+  local saved="$policy.powerplane-saved"
+  if [ -e "$saved" ] || [ -L "$saved" ]; then
+    mv -f "$saved" "$policy"
+  elif grep -qs "^$policy_marker" "$policy"; then
+    rm -f "$policy"
+  fi
+  if [ -e "$policy" ] || [ -L "$policy" ]; then mv "$policy" "$saved"; fi
+  { printf '#!/bin/sh\n%s while it installs packages.\nexit 101\n' "$policy_marker"; } \
+    > "$policy.powerplane-new"
+  chmod 0755 "$policy.powerplane-new"
+  mv -f "$policy.powerplane-new" "$policy"
+}
+
+# release_service_starts POLICY: undo hold_service_starts; safe to call when nothing is held.
+release_service_starts() {
+  local policy=$1
+  local saved="$policy.powerplane-saved"
+  if [ -e "$saved" ] || [ -L "$saved" ]; then
+    mv -f "$saved" "$policy"
+  elif grep -qs "^$policy_marker" "$policy"; then
+    rm -f "$policy"
+  fi
+  rm -f "$policy.powerplane-new"
+}
+policy_marker="# Written by Powerplane's deploy/install.sh"
+
+# apt_install_holding_services POLICY PACKAGE...: apt-get install the PACKAGEs with their
+# daemons held (hold_service_starts POLICY). The administrator's own POLICY is back afterwards,
+# also when apt-get fails or the script is interrupted: an EXIT trap releases it.
+apt_install_holding_services() {
+  local policy=$1
+  shift
+  # shellcheck disable=SC2064  # the path is fixed now, quoted by printf %q
+  trap "release_service_starts $(printf %q "$policy")" EXIT
+  trap 'exit 130' INT TERM HUP
+  hold_service_starts "$policy"
+  apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+  release_service_starts "$policy"
+  trap - EXIT INT TERM HUP
 }

@@ -7,7 +7,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -239,3 +241,129 @@ def test_demo_helpers_import_busybox_and_stop_by_pidfile(tmp_path: Path) -> None
         sleeper.kill()
         sleeper.wait()
         daemon.stop()
+
+
+def archive_uri(suite: str, apt_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """deploy/lib.sh's debian_archive_uri, run for real."""
+    args = [suite] if apt_dir is None else [suite, str(apt_dir)]
+    return subprocess.run(["bash", "-c", '. "$0" && debian_archive_uri "$@"',
+                           str(ROOT / "deploy" / "lib.sh"), *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_debian_archive_uri_follows_the_apt_sources(tmp_path: Path) -> None:
+    """The mirror comes from deb822 sources (enabled, right suite, continuation lines), else
+    from one-line sources.list entries; a suite no source names is an error."""
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list.d" / "a.sources").write_text(
+        "Types: deb\n# a comment\nURIs: http://security.example/debian-security\n"
+        "Suites: bookworm-security\nComponents: main\n\n"
+        "Types: deb\nURIs: http://off.example/debian\nSuites: bookworm\nEnabled: no\n\n"
+        "Types: deb-src\nURIs: http://src.example/debian\nSuites: bookworm\n")
+    (tmp_path / "sources.list.d" / "b.sources").write_text(
+        "Types: deb\nURIs:\n http://mirror.example/debian/\nSuites: bookworm bookworm-updates\n"
+        "Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg")
+    (tmp_path / "sources.list").write_text(
+        "# deb http://commented.example/debian trixie main\n"
+        "deb [arch=amd64 signed-by=/k.gpg] http://one-line.example/debian trixie main\n")
+    assert archive_uri("bookworm", tmp_path).stdout == "http://mirror.example/debian\n"
+    assert archive_uri("trixie", tmp_path).stdout == "http://one-line.example/debian\n"
+    missing = archive_uri("sid", tmp_path)
+    assert (missing.returncode, missing.stdout) == (1, "")
+    # This machine: the URI is one its apt sources really name.
+    here = archive_uri("bookworm")
+    assert here.returncode == 0, here.stderr
+    sources = "\n".join(path.read_text() for path in [
+        *Path("/etc/apt/sources.list.d").glob("*.sources"), Path("/etc/apt/sources.list")]
+        if path.exists())
+    assert here.stdout.strip() in sources
+
+
+def test_no_hard_coded_debian_archive() -> None:
+    """Installers and the base-image builder name no archive address of their own."""
+    for path in [*sorted((ROOT / "deploy").glob("*.sh")),
+                 ROOT / "tests" / "support" / "baseimage.py"]:
+        assert not re.search(r"https?://[\w.-]*debian\.org", path.read_text()), path
+
+
+FAKE_APT_GET = """#!/bin/sh
+cat "$POLICY_UNDER_TEST" > "$SEEN"
+case "$FAKE_APT" in
+  fail) exit 100 ;;
+  hang) echo started > "$SEEN.started"; sleep 60 ;;
+esac
+"""
+
+
+def install_step(policy: Path, tmp_path: Path, behaviour: str) -> subprocess.Popen[str]:
+    """lib.sh's apt_install_holding_services as install.sh runs it, with a fake apt-get."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "apt-get").write_text(FAKE_APT_GET)
+    (bin_dir / "apt-get").chmod(0o755)
+    script = (f'set -euo pipefail; . {ROOT / "deploy" / "lib.sh"}; '
+              'apt_install_holding_services "$1" docker.io consul; echo installed')
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_APT": behaviour,
+           "POLICY_UNDER_TEST": str(policy), "SEEN": str(tmp_path / "seen")}
+    return subprocess.Popen(["bash", "-c", script, "install", str(policy)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_started(tmp_path: Path) -> None:
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "seen.started").exists():
+        assert time.monotonic() < deadline, "the fake apt-get never started"
+        time.sleep(0.02)
+
+
+def test_install_puts_the_administrators_policy_rc_d_back(tmp_path: Path) -> None:
+    """Packages install with services held; an existing policy-rc.d is the same file after,
+    also when apt-get fails, on SIGTERM, and after a SIGKILL once the next run is over."""
+    policy = tmp_path / "policy-rc.d"
+    admin = "#!/bin/sh\n# the administrator's own\nexit 0\n"
+    policy.write_text(admin)
+    policy.chmod(0o700)
+    original = policy.stat()
+
+    def unchanged() -> bool:
+        now = policy.stat()
+        return (policy.read_text(), now.st_ino, now.st_mode) == (
+            admin, original.st_ino, original.st_mode) and sorted(
+            p.name for p in tmp_path.iterdir() if p.name.startswith("policy")) == ["policy-rc.d"]
+
+    done = install_step(policy, tmp_path, "ok")
+    assert done.wait(30) == 0 and done.stdout and "installed" in done.stdout.read()
+    assert "exit 101" in (tmp_path / "seen").read_text()
+    assert unchanged()
+
+    failed = install_step(policy, tmp_path, "fail")
+    assert failed.wait(30) == 100
+    assert unchanged()
+
+    for sig, restored in ((signal.SIGTERM, True), (signal.SIGKILL, False)):
+        (tmp_path / "seen.started").unlink(missing_ok=True)
+        step = install_step(policy, tmp_path, "hang")
+        wait_started(tmp_path)
+        os.killpg(step.pid, sig)  # like ^C: the whole foreground job
+        step.wait(30)
+        assert unchanged() is restored
+    # After the SIGKILL the next run finds the set-aside file and puts it back.
+    again = install_step(policy, tmp_path, "ok")
+    assert again.wait(30) == 0
+    assert "exit 101" in (tmp_path / "seen").read_text()
+    assert unchanged()
+
+
+def test_install_leaves_no_policy_rc_d_where_there_was_none(tmp_path: Path) -> None:
+    """Without a policy-rc.d before, there is none after (success, failure or SIGTERM)."""
+    policy = tmp_path / "policy-rc.d"
+    for behaviour in ("ok", "fail", "hang"):
+        (tmp_path / "seen.started").unlink(missing_ok=True)
+        step = install_step(policy, tmp_path, behaviour)
+        if behaviour == "hang":
+            wait_started(tmp_path)
+            os.killpg(step.pid, signal.SIGTERM)
+        step.wait(30)
+        assert "exit 101" in (tmp_path / "seen").read_text()
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith("policy")] == []

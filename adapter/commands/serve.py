@@ -16,7 +16,7 @@ from adapter.hooks.network import HOOK_NAME, NetworkHook
 from adapter.network.readiness import CONSUL, DATAPLANE, LISTENERS, Readiness, StatusFile
 from adapter.network.runtime import host_runtime
 from adapter.proxy.adapters_config import load_adapters_config
-from adapter.proxy.listeners import Listeners, plan_listeners
+from adapter.proxy.listeners import INSECURE_TCP_FLAG, Listeners, plan_listeners
 from adapter.proxy.relay import make_proxy
 from adapter.settings import CONSUL_OPTIONS, SERVE_OPTIONS, add_options, load_settings
 
@@ -63,9 +63,14 @@ async def serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         ):
             await listeners.start(addresses, tls, proxy.accept)
             for name in listeners.bound:
-                log.info("listening on %s%s", name,
-                         " (TLS, client certificates required)"
-                         if tls and name.startswith("tcp") else "")
+                if not name.startswith("tcp"):
+                    log.info("listening on %s (group %s, mode 0660)", name,
+                             listeners.socket_group_name)
+                elif tls:
+                    log.info("listening on %s (TLS, client certificates required)", name)
+                else:
+                    log.warning("listening on %s WITHOUT TLS (%s): every local user who "
+                                "connects is root on this host", name, INSECURE_TCP_FLAG)
             log.info("relaying to dockerd at %s; hooks from %s", settings.docker_url,
                      settings.adapters_file or "the built-in default")
             readiness.mark_up(LISTENERS)

@@ -1,10 +1,19 @@
-"""Where the proxy listens: unix sockets and TCP, TLS with client certificates off loopback.
+"""Where the proxy listens: unix sockets and TCP with TLS client certificates.
 
-The proxy is root on the host, like dockerd. So, like dockerd's ``--tlsverify``, a TCP listener
-on anything but a loopback address is refused unless a certificate, key and client CA are given;
-then every client must present a certificate signed by that CA. Unix sockets get mode 0660 and
-their parent directory is created; a stale socket file from a crashed run is replaced, a live
-one is not.
+The proxy is root on the host, like dockerd, so no listener may admit a client that dockerd's own
+socket would refuse:
+
+- A unix socket follows dockerd's convention: group ``docker`` (``--group``), mode 0660. The mode
+  and group are set between ``bind`` and ``listen``, so no client can connect before they hold.
+  When the default group does not exist the socket keeps root's group with a warning, as dockerd
+  does; a group named explicitly must exist (or be a number).
+- Every TCP listener, loopback included, needs a certificate, key and client CA (dockerd's
+  ``--tlsverify``); then every client must present a certificate signed by that CA. Without TLS
+  any local user could connect and be root. ``--insecure-tcp-gives-root`` accepts exactly that
+  for a loopback address, loudly; off loopback there is no way around TLS.
+
+The parent directory of a unix socket is created; a stale socket file from a crashed run is
+replaced, a live one is not.
 """
 
 from __future__ import annotations
@@ -12,12 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import grp
 import ipaddress
+import logging
 import os
 import socket
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -27,16 +38,23 @@ from adapter.settings import Settings
 
 ProtocolFactory = Callable[[], asyncio.Protocol]
 SOCKET_MODE = 0o660
+# dockerd's default socket group; only this one may be missing (then root's group is used).
+DEFAULT_SOCKET_GROUP = "docker"
+INSECURE_TCP_FLAG = "--insecure-tcp-gives-root"
+
+log = logging.getLogger("powerplane.listeners")
 
 
 @dataclass(frozen=True, slots=True)
 class ListenAddress:
-    """One ``--listen`` URL: a unix socket ``path`` or a TCP ``host``/``port``."""
+    """One ``--listen`` URL: a unix socket ``path`` (owned by ``group_id``) or a TCP
+    ``host``/``port``."""
 
     url: str
     path: Path | None = None
     host: str = ""
     port: int = 0
+    group_id: int | None = None
 
     @property
     def loopback(self) -> bool:
@@ -66,7 +84,7 @@ def parse_listen_url(url: str) -> ListenAddress:
 
 
 def plan_listeners(settings: Settings) -> tuple[list[ListenAddress], ssl.SSLContext | None]:
-    """Check every listener against the loopback rule; build the TLS context if configured."""
+    """Check every listener against the access rules; resolve the socket group; build TLS."""
     addresses = [parse_listen_url(url) for url in settings.listen]
     if not addresses:
         raise ConfigError("--listen: at least one address is needed")
@@ -74,14 +92,63 @@ def plan_listeners(settings: Settings) -> tuple[list[ListenAddress], ssl.SSLCont
     if any(tls_files) and not all(tls_files):
         raise ConfigError("--tls-cert, --tls-key and --tls-ca must be given together")
     tls = _server_tls_context(settings) if all(tls_files) else None
-    for address in addresses:
-        if address.path is None and not address.loopback and tls is None:
-            raise ConfigError(
-                f"--listen {address.url}: refusing a non-loopback TCP listener without TLS "
-                "client-certificate verification; give --tls-cert, --tls-key and --tls-ca "
-                "(the proxy has root's power over this host's Docker)"
-            )
+    if tls is None:
+        for address in addresses:
+            if address.path is None:
+                _check_plain_tcp(address, settings.insecure_tcp_gives_root)
+    if any(address.path is not None for address in addresses):
+        group_id = socket_group_id(settings.group)
+        addresses = [replace(address, group_id=group_id) if address.path is not None else address
+                     for address in addresses]
     return addresses, tls
+
+
+def _check_plain_tcp(address: ListenAddress, insecure_allowed: bool) -> None:
+    """Refuse a TCP listener without TLS, unless the user accepted root for every local user."""
+    if not address.loopback:
+        raise ConfigError(
+            f"--listen {address.url}: refusing a non-loopback TCP listener without TLS: anyone "
+            "who reaches it is root on this host; give --tls-cert, --tls-key and --tls-ca"
+        )
+    if not insecure_allowed:
+        raise ConfigError(
+            f"--listen {address.url}: refusing a TCP listener without TLS client certificates: "
+            "every local user could connect and be root on this host; give --tls-cert, "
+            f"--tls-key and --tls-ca, use a unix socket, or pass {INSECURE_TCP_FLAG}"
+        )
+    log.warning("%s: %s has no TLS: EVERY LOCAL USER WHO CONNECTS IS ROOT ON THIS HOST",
+                INSECURE_TCP_FLAG, address.url)
+
+
+def socket_group_id(name: str) -> int:
+    """The group id unix sockets get for ``--group name``, found like dockerd finds it.
+
+    A group name, else a number. The default group may be missing (Docker not installed yet):
+    then, like dockerd, the socket keeps this process's group and only root can use it. An empty
+    name means this process's group without a warning.
+    """
+    if not name:
+        return os.getgid()
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        pass
+    if name.isdecimal():
+        return int(name)
+    if name == DEFAULT_SOCKET_GROUP:
+        gid = os.getgid()
+        log.warning("--group: no group %r on this host; unix sockets get group %s (gid %d) "
+                    "instead, so only that group can use them: create the group or pass --group",
+                    name, _group_name(gid), gid)
+        return gid
+    raise ConfigError(f"--group: no group {name!r} on this host (give a group name or number)")
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def _server_tls_context(settings: Settings) -> ssl.SSLContext:
@@ -103,6 +170,7 @@ class Listeners:
     def __init__(self) -> None:
         self._servers: list[asyncio.Server] = []
         self._socket_paths: list[Path] = []
+        self._socket_group_id: int | None = None
 
     async def start(
         self,
@@ -112,19 +180,27 @@ class Listeners:
     ) -> None:
         for address in addresses:
             if address.path is not None:
-                self._servers.append(await self._start_unix(address.path, accept))
+                group_id = os.getgid() if address.group_id is None else address.group_id
+                self._servers.append(await self._start_unix(address.path, group_id, accept))
             else:
                 self._servers.append(await self._start_tcp(address, tls, accept))
 
-    async def _start_unix(self, path: Path, accept: ProtocolFactory) -> asyncio.Server:
+    async def _start_unix(
+        self, path: Path, group_id: int, accept: ProtocolFactory
+    ) -> asyncio.Server:
         try:
             if await asyncio.to_thread(_prepare_socket_path, path):
                 raise ConfigError(f"--listen unix://{path}: another process listens there")
-            server = await asyncio.get_running_loop().create_unix_server(accept, path=str(path))
-            os.chmod(path, SOCKET_MODE)
+            sock = _bind_unix_socket(path, group_id)
+            try:
+                server = await asyncio.get_running_loop().create_unix_server(accept, sock=sock)
+            except BaseException:
+                sock.close()
+                raise
         except OSError as exc:
             raise ConfigError(f"--listen unix://{path}: {exc.strerror or exc}") from None
         self._socket_paths.append(path)
+        self._socket_group_id = group_id
         return server
 
     async def _start_tcp(
@@ -136,6 +212,11 @@ class Listeners:
                 factory, host=address.host, port=address.port)
         except OSError as exc:
             raise ConfigError(f"--listen {address.url}: {exc.strerror or exc}") from None
+
+    @property
+    def socket_group_name(self) -> str:
+        """The group owning the unix sockets (its number when it has no name)."""
+        return "" if self._socket_group_id is None else _group_name(self._socket_group_id)
 
     @property
     def bound(self) -> list[str]:
@@ -161,6 +242,29 @@ class Listeners:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         self._socket_paths.clear()
+
+
+def _bind_unix_socket(path: Path, group_id: int) -> socket.socket:
+    """A socket bound at ``path`` with its group and mode set, not yet listening.
+
+    Until ``listen`` a connect is refused whatever the file's mode, so a client never gets in
+    through the mode the umask gave at ``bind``.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        os.chown(path, -1, group_id, follow_symlinks=False)
+        os.chmod(path, SOCKET_MODE)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+    return sock
 
 
 def _prepare_socket_path(path: Path) -> bool:

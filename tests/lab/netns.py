@@ -5,7 +5,9 @@ switch, 192.168.50.1/24 by default) and ``n`` host namespaces, each joined to th
 veth whose host end is named ``eth0`` and carries 192.168.50.11, .12, ... Nothing links the lab to
 the root namespace and no namespace has a route out, so lab traffic cannot leave the lab.
 
-Names are random (``pp`` + 6 hex digits + ``-h1`` ...) because several test runs share the machine.
+Names are random (``ppt`` + this run's tag + 4 hex digits + ``-h1`` ...) because several test
+runs share the machine; the run's tag lets its end-of-session check find its own namespaces
+(tests/support/netns.py).
 Processes run in a namespace through ``nsenter --net=/run/netns/NAME``, not ``ip netns exec``:
 the latter remounts /sys, which breaks dockerd.
 
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import signal
 import subprocess
 import time
@@ -27,6 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from tests.support.netns import unique_prefix
 
 NETNS_DIR = Path("/run/netns")
 DEFAULT_SUBNET = "192.168.50"  # a /24 that exists only inside the lab
@@ -129,7 +132,7 @@ class Underlay:
     ) -> None:
         if not 1 <= n_hosts <= 200:
             raise ValueError("n_hosts must be between 1 and 200")
-        self.prefix = name_prefix or "pp" + secrets.token_hex(3)
+        self.prefix = name_prefix or unique_prefix()
         self.subnet = subnet
         self.underlay = LabHost(f"{self.prefix}-ul", f"{subnet}.1", 0)
         self.hosts = [

@@ -1,7 +1,9 @@
 """A local Debian base image for building our Dockerfile where no image registry is reachable.
 
-``debootstrap`` (minbase, bookworm, from Debian's package archive) makes a root filesystem with
-Python 3.11 and venv support; it is packed once into a tarball cached under
+``debootstrap`` (minbase, bookworm) makes a root filesystem with Python 3.11 and venv support,
+from the Debian archive this machine's own apt sources name (``debian_archive_uri`` in
+deploy/lib.sh, shared with the installers): the machine may reach only its own mirror, so no
+address is written here; it is packed once into a tarball cached under
 ``/var/cache/powerplane-test`` so later runs only ``docker import`` it (a second or two).
 
 ``build_wheelhouse`` runs ``pip wheel`` for the project and its dependencies on the host, so the
@@ -21,15 +23,25 @@ from pathlib import Path
 
 CACHE_DIR = Path(os.environ.get("POWERPLANE_TEST_CACHE", "/var/cache/powerplane-test"))
 SUITE = "bookworm"
-MIRROR = "http://deb.debian.org/debian"
 # python3-venv brings ensurepip, so `python3 -m venv` gives a working pip with no download.
 PACKAGES = ("python3", "python3-venv", "ca-certificates")
 BASE_TAG = "local/debian-python:bookworm"
 REPO_ROOT = Path(__file__).resolve().parents[2]
+DEPLOY_LIB = REPO_ROOT / "deploy" / "lib.sh"
 
 
-def _cache_key() -> str:
-    return hashlib.sha256(f"{SUITE} {MIRROR} {' '.join(PACKAGES)}".encode()).hexdigest()[:12]
+def debian_mirror(suite: str = SUITE) -> str:
+    """The archive URI this machine's apt sources use for ``suite``."""
+    found = subprocess.run(["bash", "-c", '. "$0" && debian_archive_uri "$1"', str(DEPLOY_LIB),
+                            suite], capture_output=True, text=True, timeout=30)
+    if found.returncode != 0 or not found.stdout.strip():
+        raise RuntimeError(f"no Debian archive for {suite} in this machine's apt sources "
+                           "(/etc/apt/sources.list.d/*.sources, /etc/apt/sources.list)")
+    return found.stdout.strip()
+
+
+def _cache_key(mirror: str) -> str:
+    return hashlib.sha256(f"{SUITE} {mirror} {' '.join(PACKAGES)}".encode()).hexdigest()[:12]
 
 
 def rootfs_tarball(cache_dir: Path = CACHE_DIR) -> Path:
@@ -38,7 +50,8 @@ def rootfs_tarball(cache_dir: Path = CACHE_DIR) -> Path:
     A lock file keeps two concurrent runs from bootstrapping at the same time.
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tarball = cache_dir / f"debian-{SUITE}-python-{_cache_key()}.tar"
+    mirror = debian_mirror()
+    tarball = cache_dir / f"debian-{SUITE}-python-{_cache_key(mirror)}.tar"
     if tarball.exists():
         return tarball
     with (cache_dir / ".lock").open("w") as lock:
@@ -49,7 +62,7 @@ def rootfs_tarball(cache_dir: Path = CACHE_DIR) -> Path:
             rootfs = Path(tmp) / "rootfs"
             subprocess.run(
                 ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
-                 SUITE, str(rootfs), MIRROR],
+                 SUITE, str(rootfs), mirror],
                 check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=900,
             )
             # Package lists and caches are not needed in an image; the archive keeps its size down.

@@ -1,14 +1,21 @@
-"""A private Docker daemon for tests: own socket, data-root, exec-root, pidfile and cgroup parent.
+"""A private Docker daemon for tests: own socket, data-root, exec-root, pidfile, cgroup parent
+and network namespace.
 
 Several engineers' test runs share this machine, so every daemon gets fresh directories and
-touches nothing global: no bridge, no iptables, no ip forwarding (LAB.md). The exec-root and the
-socket live in a short directory under /tmp because unix socket paths are limited to 107 bytes
-and containerd puts its own sockets below the exec-root. Inside a network namespace the daemon is
+touches nothing global: no bridge, no iptables, no ip forwarding (LAB.md). Flags are not enough
+for the network: a dockerd started with ``--bridge=none`` deletes a ``docker0`` it finds in its
+namespace, which broke the machine's own Docker ("could not find bridge docker0"). So a daemon
+always runs in a network namespace: the caller's (a lab host's) or, by default, a fresh one of
+its own that ``stop`` removes. Its containers use ``--net=none`` or another container's network;
+clients reach it through its unix socket, which no namespace hides.
+
+The exec-root and the socket live in a short directory under /tmp because unix socket paths are
+limited to 107 bytes and containerd puts its own sockets below the exec-root. The daemon is
 started with ``nsenter --net=...``; ``ip netns exec`` would remount /sys and dockerd fails there.
 
 ``stop`` is idempotent and leaves nothing behind: the daemon and its containerd are stopped,
-mounts left under the data-root or exec-root are unmounted, and the cgroup parent is emptied and
-removed.
+mounts left under the data-root or exec-root are unmounted, the cgroup parent is emptied and
+removed, and a namespace of its own is deleted.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from tests.support.netns import add_netns, delete_netns
 
 DOCKERD = "dockerd"
 READY_TIMEOUT = 30.0
@@ -98,13 +107,15 @@ class DockerDaemon:
         run_dir: Path,
         process: subprocess.Popen[bytes],
         cgroup_parent: str | None,
-        netns: str | None,
+        netns: str,
+        owns_netns: bool,
     ) -> None:
         self.root = root
         self.run_dir = run_dir
         self.process = process
         self.cgroup_parent = cgroup_parent
         self.netns = netns
+        self._owns_netns = owns_netns
         self.socket = run_dir / "docker.sock"
         self.url = f"unix://{self.socket}"
         self.data_root = root / "data"
@@ -120,8 +131,14 @@ class DockerDaemon:
         netns: str | None = None,
         cgroup_parent: str | None = None,
     ) -> DockerDaemon:
-        """Start a daemon keeping its files under ``workdir``; return once ``/_ping`` answers."""
+        """Start a daemon keeping its files under ``workdir``; return once ``/_ping`` answers.
+
+        It runs in the network namespace ``netns``, or in a new one of its own when None.
+        """
         workdir.mkdir(parents=True, exist_ok=True)
+        owns_netns = netns is None
+        if netns is None:
+            netns = add_netns("dockerd")
         root = Path(tempfile.mkdtemp(prefix="dockerd-", dir=workdir))
         run_dir = Path(tempfile.mkdtemp(prefix="ppd-", dir="/tmp"))
         data_root, exec_root = root / "data", run_dir / "exec"
@@ -138,14 +155,18 @@ class DockerDaemon:
         ]
         if cgroup_parent is not None:
             args.append(f"--cgroup-parent=/{cgroup_parent.strip('/')}")
-        if netns is not None:
-            args = ["nsenter", f"--net=/run/netns/{netns}", *args]
-        with (root / "dockerd.log").open("wb") as log:
-            process = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        daemon = cls(root, run_dir, process, cgroup_parent, netns)
+        args = ["nsenter", f"--net=/run/netns/{netns}", *args]
+        try:
+            with (root / "dockerd.log").open("wb") as log:
+                process = subprocess.Popen(
+                    args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+        except BaseException:
+            if owns_netns:
+                delete_netns(netns)
+            raise
+        daemon = cls(root, run_dir, process, cgroup_parent, netns, owns_netns)
         try:
             daemon._wait_ready()
         except BaseException:
@@ -194,6 +215,8 @@ class DockerDaemon:
             for hierarchy in CGROUP_ROOT.iterdir():
                 _remove_cgroup_tree(hierarchy / name)
             _remove_cgroup_tree(CGROUP_ROOT / name)
+        if self._owns_netns:
+            delete_netns(self.netns)
         shutil.rmtree(self.run_dir, ignore_errors=True)
         shutil.rmtree(self.root, ignore_errors=True)
 

@@ -47,14 +47,19 @@ class ServeProcess:
     ) -> ServeProcess:
         """Start serve relaying to ``docker_url``; return when its socket answers.
 
-        ``command_prefix`` runs it through another command, e.g. ``nsenter --net=...``.
+        ``command_prefix`` runs serve through another command (``unshare ...``), which must
+        exec it in the end so that signals reach serve.
         """
         workdir.mkdir(parents=True, exist_ok=True)
         # Short path: unix socket names are limited to 107 bytes.
         run_dir = Path(tempfile.mkdtemp(prefix="pps-", dir="/tmp"))
+        # Searchable by everyone, like /run/powerplane: the socket's own group and mode decide
+        # who gets in, as on a real host.
+        run_dir.chmod(0o755)
         log_path = Path(tempfile.mkstemp(prefix="serve-", suffix=".log", dir=workdir)[1])
         args = [
-            *command_prefix, POWERPLANE, "serve",
+            *command_prefix,
+            POWERPLANE, "serve",
             "--listen", f"unix://{run_dir / 'sock' / 'docker.sock'}",
             "--docker", docker_url,
             "--consul", "127.0.0.1:1",
