@@ -124,6 +124,9 @@ else
     exit 1
   fi
 fi
+# Ready means listeners, Consul session and data plane are all up (serve writes it down).
+# (`powerplane status` says what it still waits for.)
+wait_until 60 "Powerplane to be ready" grep -q '"state": "ready"' /run/powerplane/status.json
 
 # ---- two containers on one overlay network -------------------------------------------------
 say "two containers on the overlay network $cidr"
