@@ -83,6 +83,11 @@ fi
 
 say "daemons the demo started"
 stop_pidfile "$state/dockerd.pid" dockerd
+if [ -f "$state/made-docker0" ]; then
+  note "removing the docker0 bridge the demo's dockerd made"
+  ip link del docker0 2>/dev/null || true
+  rm -f "$state/made-docker0"
+fi
 if [ -f "$state/started-docker-service" ]; then
   note "stopping docker.service"
   systemctl stop docker.service docker.socket || true

@@ -93,6 +93,8 @@ elif [ -d /run/systemd/system ]; then
   wait_until 60 "dockerd" docker_ping "$dockerd_sock"
 else
   note "starting dockerd (log /var/log/powerplane-dockerd.log)"
+  # dockerd makes a docker0 bridge that outlives it; demo-down removes it only if it is ours.
+  ip link show docker0 >/dev/null 2>&1 || touch "$state/made-docker0"
   nohup dockerd -H "unix://$dockerd_sock" --pidfile "$state/dockerd.pid" \
     >/var/log/powerplane-dockerd.log 2>&1 &
   wait_until 60 "dockerd" docker_ping "$dockerd_sock"
