@@ -168,11 +168,14 @@ class HookChain:
         if table is None:
             return None
         if _VERSION_PREFIX.match(path):
+            if table.any_route.match(path) is None:
+                return None
             candidates: tuple[str, ...] = (path,)
         else:
-            candidates = (path, f"/-{path}")
-        if not any(table.any_route.match(candidate) for candidate in candidates):
-            return None
+            unversioned = f"/-{path}"
+            if table.any_route.match(path) is None and table.any_route.match(unversioned) is None:
+                return None
+            candidates = (path, unversioned)
         pre: list[Hook] = []
         post: list[Hook] = []
         for pattern, hooks in table.routes:
