@@ -259,3 +259,12 @@ def test_an_upgrade_request_keeps_its_body() -> None:
     parser.begin_body(*head.request_framing())
     assert parser.take(b"{}\r\nGET") == 4 and parser.done
     assert request(b"GET /next HTTP/1.1\r\n\r\n", parser).path == "/next"
+
+
+def test_a_hooked_upgrade_request_body_is_collected() -> None:
+    parser = MessageParser(answers=False, collect=True, limit=100)
+    head = request(b"POST /exec/x/start HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n"
+                   b"Content-Length: 11\r\n\r\n", parser)
+    parser.begin_body(*head.request_framing())
+    assert parser.take(b'{"Tty": 1}\n') == 11 and parser.done
+    assert parser.payload == b'{"Tty": 1}\n'

@@ -370,7 +370,10 @@ class MessageParser:
         framing = self.framing
         if framing is Framing.LENGTH:
             used = min(self._left, len(data))
-            self._feed(data if used == len(data) else memoryview(data)[:used])
+            piece = data if used == len(data) else memoryview(data)[:used]
+            if self._collect and not self._in_sync:
+                self._keep(bytes(piece))  # llhttp skipped it (an upgrade request's body)
+            self._feed(piece)
             self._left -= used
             self.done = self._left == 0
             return used
