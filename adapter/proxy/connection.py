@@ -38,9 +38,7 @@ class ConnectionSide(asyncio.Protocol):
         on_lost: SideCallback,
     ) -> None:
         self.name = name
-        self.on_data = on_data
-        self.on_eof = on_eof
-        self.on_lost = on_lost
+        self.on_data, self.on_eof, self.on_lost = on_data, on_eof, on_lost
         self.transport: asyncio.Transport | None = None
         self.buffer: bytes | bytearray = b""
         self.at_eof = False
@@ -67,7 +65,8 @@ class ConnectionSide(asyncio.Protocol):
             self.buffer += data
         if len(self.buffer) > BUFFER_LIMIT:
             self.hold_reading("buffer full")
-        self._wake()
+        if self._waiter is not None:
+            self._wake()
         self.on_data(self)
 
     def eof_received(self) -> bool:
@@ -96,6 +95,10 @@ class ConnectionSide(asyncio.Protocol):
 
     # For the owner
 
+    def bind(self, *, on_data: SideCallback, on_eof: SideCallback, on_lost: SideCallback) -> None:
+        """Report to a new owner from now on (an idle dockerd connection changing hands)."""
+        self.on_data, self.on_eof, self.on_lost = on_data, on_eof, on_lost
+
     def link(self, *, source: ConnectionSide) -> None:
         """Bytes from ``source`` are written here: hold it while this side is backed up."""
         self.unlink()
@@ -118,7 +121,7 @@ class ConnectionSide(asyncio.Protocol):
                 self.buffer = bytearray(memoryview(buffer)[count:])
             else:
                 del buffer[:count]
-        if len(self.buffer) <= BUFFER_LIMIT:
+        if self._holds and len(self.buffer) <= BUFFER_LIMIT:
             self.release_reading("buffer full")
         return taken
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
+from fnmatch import translate
 from typing import Any
 
 import aiohttp
@@ -32,7 +33,8 @@ PROTOCOL_VERSION = 1
 ADAPTER_TIMEOUT = aiohttp.ClientTimeout(total=60)
 # How much of an adapter's error answer is quoted to the client.
 QUOTE_LIMIT = 500
-MATCH_CACHE_SIZE = 4096
+# An API version prefix: the first path segment is "v" and a version number ("/v1.41/...").
+_VERSION_PREFIX = re.compile(r"/v[0-9.]*[0-9][0-9.]*/")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,13 +85,37 @@ class _Route:
     hooks: MatchedHooks
 
 
+@dataclass(frozen=True, slots=True)
+class _MethodTable:
+    """The routes of one method, compiled: ``any_route`` tells at once whether a path has hooks
+    (most calls have none), ``routes`` collect them in file order when it does."""
+
+    any_route: re.Pattern[str]
+    routes: tuple[tuple[re.Pattern[str], MatchedHooks], ...]
+
+    @classmethod
+    def compile(cls, routes: list[_Route]) -> _MethodTable:
+        # fnmatch's translation: "*" also crosses "/", as in Powerstrip.
+        patterns = [translate(route.path_pattern) for route in routes]
+        return cls(re.compile("|".join(f"(?:{pattern})" for pattern in patterns)),
+                   tuple((re.compile(pattern), route.hooks)
+                         for pattern, route in zip(patterns, routes, strict=True)))
+
+
 class HookChain:
     """The resolved hook table; ``match`` picks hooks, ``run_pre``/``run_post`` run them."""
 
     def __init__(self, routes: tuple[_Route, ...], session: aiohttp.ClientSession | None) -> None:
         self._routes = routes
         self._session = session
-        self._matches: dict[tuple[str, str], MatchedHooks | None] = {}
+        # Compiled once: matching runs before every request is relayed.
+        methods = {route.method for route in routes} - {"*"}
+        self._tables = {method: self._compile(method) for method in methods}
+        self._other_methods = self._compile("*")
+
+    def _compile(self, method: str) -> _MethodTable | None:
+        routes = [route for route in self._routes if route.method in ("*", method)]
+        return _MethodTable.compile(routes) if routes else None
 
     @classmethod
     def build(
@@ -136,32 +162,26 @@ class HookChain:
         """Hooks for ``method path`` (path without query), or None when nothing matches.
 
         Every matching endpoint contributes, in file order. A path without an API version
-        prefix also matches patterns written for one (``/*/containers/create``). Answers are
-        remembered (a bounded number): this runs before every request is relayed.
+        prefix also matches patterns written for one (``/*/containers/create``).
         """
-        key = (method, path)
-        try:
-            return self._matches[key]
-        except KeyError:
-            pass
-        if len(self._matches) >= MATCH_CACHE_SIZE:
-            self._matches.clear()
-        found = self._match(method, path)
-        self._matches[key] = found
-        return found
-
-    def _match(self, method: str, path: str) -> MatchedHooks | None:
-        candidates = (path,) if _has_version_prefix(path) else (path, f"/-{path}")
+        table = self._tables.get(method, self._other_methods)
+        if table is None:
+            return None
+        if _VERSION_PREFIX.match(path):
+            if table.any_route.match(path) is None:
+                return None
+            candidates: tuple[str, ...] = (path,)
+        else:
+            unversioned = f"/-{path}"
+            if table.any_route.match(path) is None and table.any_route.match(unversioned) is None:
+                return None
+            candidates = (path, unversioned)
         pre: list[Hook] = []
         post: list[Hook] = []
-        for route in self._routes:
-            if route.method not in ("*", method):
-                continue
-            if any(fnmatchcase(candidate, route.path_pattern) for candidate in candidates):
-                pre.extend(route.hooks.pre)
-                post.extend(route.hooks.post)
-        if not pre and not post:
-            return None
+        for pattern, hooks in table.routes:
+            if any(pattern.match(candidate) for candidate in candidates):
+                pre.extend(hooks.pre)
+                post.extend(hooks.post)
         return MatchedHooks(tuple(pre), tuple(post))
 
     async def run_pre(self, hooks: tuple[Hook, ...], request: ClientRequest) -> ClientRequest:
@@ -236,11 +256,6 @@ class HookChain:
         if not isinstance(decoded, dict):
             raise HookError(f"adapter {hook.name!r} ({hook.url}) answered a non-object")
         return decoded
-
-
-def _has_version_prefix(path: str) -> bool:
-    first = path.split("/", 2)[1] if path.count("/") >= 2 else ""
-    return first.startswith("v") and first[1:].replace(".", "").isdigit()
 
 
 def _quote(text: str) -> str:
