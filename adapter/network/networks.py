@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from adapter.errors import InvalidNetwork, NetworkConflict, NetworkNotFound
-from adapter.model import Network, NetworkSpec
+from adapter.model import Network, NetworkSpec, quoted
 from adapter.network.consul_kv import ConsulKV, dump, safe_key
 from adapter.network.endpoint_records import EndpointRecords
 from adapter.network.watch import watch
@@ -115,12 +115,14 @@ class Networks:
 
     async def get(self, name: str) -> Network:
         found = await self._kv.get(f"networks/{name}") if safe_key(name) else None
-        if found is None or not isinstance(found[0], dict):
-            raise NetworkNotFound(f"network {name!r} not found")
+        if found is None:
+            raise NetworkNotFound(f"network {quoted(name)} not found")
         try:
-            return Network.from_json(found[0])
+            return _network_of_key(name, found[0])
         except ValueError as exc:
-            raise InvalidNetwork(f"malformed network record in Consul: {exc}") from None
+            key = f"{self._kv.prefix}networks/{name}"
+            raise InvalidNetwork(f"malformed network record {key} in Consul: {exc}; remove it "
+                                 f"with `consul kv delete {key}`") from None
 
     async def all(self) -> list[Network]:
         return parse_networks(await self._kv.items("networks/"))
@@ -162,7 +164,15 @@ def parse_networks(items: Mapping[str, Any]) -> list[Network]:
     networks = []
     for name, value in items.items():
         try:
-            networks.append(Network.from_json(value))
-        except (ValueError, AttributeError, TypeError):
-            log.warning("ignoring malformed network record %s", name)
+            networks.append(_network_of_key(name, value))
+        except ValueError as exc:
+            log.warning("ignoring malformed network record %s: %s", quoted(name), exc)
     return sorted(networks, key=lambda n: n.name)
+
+
+def _network_of_key(name: str, value: object) -> Network:
+    """The network stored under ``networks/<name>``; ValueError when the record is not one."""
+    network = Network.from_json(value)
+    if network.name != name:
+        raise ValueError(f"it names network {quoted(network.name)}")
+    return network
