@@ -46,25 +46,37 @@ class Networks:
             version = await self._kv.get(VERSION_KEY)
             version_index = version[1] if version else 0
             existing = await self.all()
-            network = spec.network(self._choose_vni(spec, existing))
+            claimed_vnis = await self._kv.keys("vnis/")
+            network = spec.network(self._choose_vni(spec, existing, claimed_vnis))
+            claims = (VERSION_KEY, f"networks/{spec.name}", f"subnets/{network.cidr}",
+                      f"vnis/{network.vni}")
             result = await self._kv.txn([
-                self._kv.op("cas", VERSION_KEY, str((version[0] if version else 0) + 1),
+                self._kv.op("cas", claims[0], str(_version_number(version) + 1),
                             version_index),
-                self._kv.op("cas", f"networks/{spec.name}", dump(network.to_json()), 0),
-                self._kv.op("cas", f"subnets/{network.cidr}", spec.name, 0),
-                self._kv.op("cas", f"vnis/{network.vni}", spec.name, 0),
+                self._kv.op("cas", claims[1], dump(network.to_json()), 0),
+                self._kv.op("cas", claims[2], spec.name, 0),
+                self._kv.op("cas", claims[3], spec.name, 0),
             ])
             if result.ok:
                 log.info("created network %s (%s, VNI %d)", spec.name, network.cidr,
                          network.vni)
                 return network
+            stale = sorted(index for index in result.failed if 0 < index < len(claims))
+            if 0 not in result.failed and stale:
+                # The version held, so no network was created meanwhile: the key is held by a
+                # record the listing could not read (malformed, or left by a removal).
+                raise NetworkConflict(
+                    f"cannot create network {spec.name!r}: {self._kv.prefix}{claims[stale[0]]} "
+                    "in Consul is taken by a record that is not a valid network; remove that "
+                    "key or choose another name and subnet")
             # Someone else created a network meanwhile; back off a little and look again.
             await asyncio.sleep(random.uniform(0.0, 0.02 * (attempt + 1)))
         raise NetworkConflict(
             f"could not create network {spec.name!r}: network state kept changing; try again"
         )
 
-    def _choose_vni(self, spec: NetworkSpec, existing: list[Network]) -> int:
+    def _choose_vni(self, spec: NetworkSpec, existing: list[Network],
+                    claimed: list[str]) -> int:
         used_vnis: dict[int, str] = {}
         for other in existing:
             if other.name == spec.name:
@@ -74,14 +86,20 @@ class Networks:
                     f"subnet {spec.subnet} overlaps network {other.name!r} ({other.cidr})"
                 )
             used_vnis[other.vni] = other.name
+        # A VNI claimed under vnis/ is taken even when no readable network record holds it.
+        unreadable = {int(key) for key in claimed if key.isascii() and key.isdigit()}
         if spec.vni is not None:
             if spec.vni in used_vnis:
                 raise NetworkConflict(
                     f"VNI {spec.vni} is already used by network {used_vnis[spec.vni]!r}")
+            if spec.vni in unreadable:
+                raise NetworkConflict(
+                    f"VNI {spec.vni} is claimed in Consul ({self._kv.prefix}vnis/{spec.vni}) "
+                    "by no valid network; remove that key or choose another VNI")
             return spec.vni
         low, high = self._vni_range
         for candidate in range(low, high + 1):
-            if candidate not in used_vnis:
+            if candidate not in used_vnis and candidate not in unreadable:
                 return candidate
         raise NetworkConflict(f"no free VNI left in the range {low}-{high}")
 
@@ -176,3 +194,13 @@ def _network_of_key(name: str, value: object) -> Network:
     if network.name != name:
         raise ValueError(f"it names network {quoted(network.name)}")
     return network
+
+
+def _version_number(found: tuple[Any, int] | None) -> int:
+    """The value of ``meta/networks-version``: a counter only CAS depends on (its index), so a
+    damaged value starts again from 0 instead of blocking every creation."""
+    value = found[0] if found else 0
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    log.warning("%s holds %s, not a number; counting again from 0", VERSION_KEY, quoted(value))
+    return 0
