@@ -27,13 +27,41 @@ VNI_MIN = 1
 VNI_MAX = 16_777_215  # 24 bits
 MTU_MIN = 576
 MTU_MAX = 9000
+# How much of a value an error message quotes: enough to recognise it, never a megabyte.
+QUOTE_MAX = 80
+
+
+def quoted(value: object) -> str:
+    """``repr(value)`` for a message, cut to ``QUOTE_MAX`` characters with its length said."""
+    text = repr(value)
+    if len(text) <= QUOTE_MAX:
+        return text
+    size = f" ({len(value)} characters)" if isinstance(value, str) else ""
+    return f"{text[:QUOTE_MAX]}...{size}"
+
+
+def json_type(value: object) -> str:
+    """The JSON name of a decoded value's type, for messages: object, array, string..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "an object"
+    return type(value).__name__
 
 
 def validate_name(name: str) -> str:
     """Return ``name`` if it is a valid network name, else raise InvalidNetwork."""
     if not NAME_PATTERN.fullmatch(name) or len(name) > NAME_MAX_LENGTH:
         raise InvalidNetwork(
-            f"invalid network name {name!r}: use 1 to {NAME_MAX_LENGTH} characters from "
+            f"invalid network name {quoted(name)}: use 1 to {NAME_MAX_LENGTH} characters from "
             "[a-zA-Z0-9_.-], starting with a letter or digit"
         )
     return name
@@ -47,19 +75,20 @@ def parse_cidr(value: str) -> tuple[ipaddress.IPv4Network, ipaddress.IPv4Address
     """
     text = value.strip()
     if "/" not in text:
-        raise InvalidNetwork(f"invalid CIDR {value!r}: expected ADDRESS/PREFIX, e.g. 10.0.6.0/24")
+        raise InvalidNetwork(
+            f"invalid CIDR {quoted(value)}: expected ADDRESS/PREFIX, e.g. 10.0.6.0/24")
     try:
         interface = ipaddress.ip_interface(text)
     except ValueError:
         raise InvalidNetwork(
-            f"invalid CIDR {value!r}: expected an IPv4 ADDRESS/PREFIX, e.g. 10.0.6.0/24"
+            f"invalid CIDR {quoted(value)}: expected an IPv4 ADDRESS/PREFIX, e.g. 10.0.6.0/24"
         ) from None
     if not isinstance(interface, ipaddress.IPv4Interface):
-        raise InvalidNetwork(f"invalid CIDR {value!r}: only IPv4 networks are supported")
+        raise InvalidNetwork(f"invalid CIDR {quoted(value)}: only IPv4 networks are supported")
     subnet = interface.network
     if not PREFIX_MIN <= subnet.prefixlen <= PREFIX_MAX:
         raise InvalidNetwork(
-            f"invalid CIDR {value!r}: prefix /{subnet.prefixlen} is out of range; "
+            f"invalid CIDR {quoted(value)}: prefix /{subnet.prefixlen} is out of range; "
             f"use /{PREFIX_MIN} to /{PREFIX_MAX}"
         )
     return subnet, subnet.network_address + 1
@@ -70,10 +99,11 @@ def parse_gateway(value: str, subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Ad
     try:
         gateway = ipaddress.IPv4Address(value.strip())
     except ValueError:
-        raise InvalidNetwork(f"invalid gateway {value!r}: expected an IPv4 address") from None
+        raise InvalidNetwork(
+            f"invalid gateway {quoted(value)}: expected an IPv4 address") from None
     if gateway not in subnet or gateway in (subnet.network_address, subnet.broadcast_address):
         raise InvalidNetwork(
-            f"invalid gateway {value!r}: must be a host address inside {subnet}"
+            f"invalid gateway {quoted(value)}: must be a host address inside {subnet}"
         )
     return gateway
 
@@ -101,11 +131,26 @@ def mac_for_ip(ip: str) -> str:
     return "02:42:" + ":".join(f"{octet:02x}" for octet in packed)
 
 
+def _record(data: object) -> Mapping[str, Any]:
+    """A stored record's fields; ValueError when it is not a JSON object at all."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"expected a JSON object, got {json_type(data)}")
+    return data
+
+
 def _require(data: Mapping[str, Any], key: str, kind: type) -> Any:
     value = data.get(key)
-    if not isinstance(value, kind):
+    # JSON true is no number, whatever Python's bool says.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ValueError(f"field {key!r} missing or not {kind.__name__}")
     return value
+
+
+def _timestamp(data: Mapping[str, Any]) -> float:
+    value = data.get("created") or 0.0
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ValueError(f"field 'created' is {json_type(value)}, not a number")
+    return float(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,15 +299,31 @@ class Network:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Network:
-        mtu = data.get("mtu")
+    def from_json(cls, data: object) -> Network:
+        """The network a stored record describes; ValueError naming what is wrong with it.
+
+        A record is held to the rules a creation checked (name, subnet, gateway, VNI), so a
+        record damaged in Consul is refused here and never reaches IPAM or the data plane.
+        """
+        fields = _record(data)
+        mtu = fields.get("mtu")
+        if not isinstance(mtu, int) or isinstance(mtu, bool):
+            mtu = None
+        name, cidr = _require(fields, "name", str), _require(fields, "cidr", str)
+        gateway, vni = _require(fields, "gateway", str), _require(fields, "vni", int)
+        try:
+            spec = NetworkSpec.parse(name, cidr, gateway=gateway, vni=vni, mtu=mtu)
+        except InvalidNetwork as exc:
+            raise ValueError(exc.message) from None
+        if str(spec.subnet) != cidr:
+            raise ValueError(f"field 'cidr' {quoted(cidr)} is not a subnet address")
         return cls(
-            name=_require(data, "name", str),
-            cidr=_require(data, "cidr", str),
-            gateway=_require(data, "gateway", str),
-            vni=_require(data, "vni", int),
-            mtu=mtu if isinstance(mtu, int) else None,
-            created=float(data.get("created") or 0.0),
+            name=name,
+            cidr=cidr,
+            gateway=gateway,
+            vni=vni,
+            mtu=mtu,
+            created=_timestamp(fields),
         )
 
 
@@ -285,13 +346,15 @@ class AddressRecord:
         }
 
     @classmethod
-    def from_json(cls, ip: str, data: Mapping[str, Any]) -> AddressRecord:
+    def from_json(cls, ip: str, data: object) -> AddressRecord:
+        """ValueError when the record is not an object or its fields have the wrong types."""
+        fields = _record(data)
         return cls(
             ip=ip,
-            container=str(data.get("container", "")),
-            host=str(data.get("host", "")),
-            mac=str(data.get("mac", "")),
-            created=float(data.get("created") or 0.0),
+            container=_optional_text(fields, "container"),
+            host=_optional_text(fields, "host"),
+            mac=_optional_text(fields, "mac"),
+            created=_timestamp(fields),
         )
 
 
@@ -318,15 +381,17 @@ class Endpoint:
         }
 
     @classmethod
-    def from_json(cls, container_id: str, data: Mapping[str, Any]) -> Endpoint:
+    def from_json(cls, container_id: str, data: object) -> Endpoint:
+        """ValueError when the record is not an object or its fields have the wrong types."""
+        fields = _record(data)
         return cls(
             container_id=container_id,
-            network=_require(data, "network", str),
-            ip=_require(data, "ip", str),
-            mac=str(data.get("mac", "")),
-            host=str(data.get("host", "")),
-            port=str(data.get("port", "")),
-            sandbox=str(data.get("sandbox", "")),
+            network=_require(fields, "network", str),
+            ip=_require(fields, "ip", str),
+            mac=_optional_text(fields, "mac"),
+            host=_optional_text(fields, "host"),
+            port=_optional_text(fields, "port"),
+            sandbox=_optional_text(fields, "sandbox"),
         )
 
 
@@ -352,11 +417,37 @@ class Host:
         return document
 
     @classmethod
-    def from_json(cls, host_id: str, data: Mapping[str, Any]) -> Host:
+    def from_json(cls, host_id: str, data: object) -> Host:
+        """ValueError when the record is not an object or its underlay address is no IP
+        address: tunnels are built to it. A host without an underlay address has ""."""
+        fields = _record(data)
+        underlay_ip = _require(fields, "underlay_ip", str)
+        if underlay_ip:
+            try:
+                ipaddress.ip_address(underlay_ip)
+            except ValueError:
+                raise ValueError(
+                    f"field 'underlay_ip' {quoted(underlay_ip)} is not an IP address") from None
         return cls(
             host_id=host_id,
-            underlay_ip=_require(data, "underlay_ip", str),
-            hostname=str(data.get("hostname", "")),
-            version=str(data.get("version", "")),
-            underlay_mac=str(data.get("underlay_mac", "")),
+            underlay_ip=underlay_ip,
+            hostname=_optional_text(fields, "hostname"),
+            version=_optional_text(fields, "version"),
+            underlay_mac=_mac_or_nothing(fields.get("underlay_mac")),
         )
+
+
+MAC_PATTERN = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
+
+
+def _mac_or_nothing(value: object) -> str:
+    # Only an optimisation rides on it (the first packet to that host): a bad one is dropped
+    # rather than the whole host record, which tunnels depend on.
+    return value if isinstance(value, str) and MAC_PATTERN.fullmatch(value) else ""
+
+
+def _optional_text(data: Mapping[str, Any], key: str) -> str:
+    value = data.get(key, "")
+    if not isinstance(value, str):
+        raise ValueError(f"field {key!r} is {json_type(value)}, not a string")
+    return value

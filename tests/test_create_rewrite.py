@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from adapter.errors import BadRequest
+from adapter.errors import BadRequest, PowerplaneError
 from adapter.network.create_rewrite import (
+    CreateRequest,
     OverlayRequest,
     check_compatible,
     overlay_request,
@@ -99,3 +102,21 @@ def test_rewrite_shares_the_sandbox_namespace_and_keeps_the_rest() -> None:
     assert rewritten["Labels"] == {"app": "web", "io.powerplane.ip": "1"}
     # The caller's body is left as it was.
     assert CLI_BODY["HostConfig"]["NetworkMode"] == "default"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ([1], "must be a JSON object, got an array"),
+    ({"Env": "SOCKETPLANE_CIDR=10.0.6.0/24"}, "Env must be an array"),
+    ({**CLI_BODY, "HostConfig": "host"}, "HostConfig must be an object, got a string"),
+    ({**CLI_BODY, "HostConfig": {"RestartPolicy": "always"}}, "HostConfig.RestartPolicy must"),
+    ({**CLI_BODY, "HostConfig": {"Dns": ["8.8.8.8", 8]}}, "HostConfig.Dns[1] must be a string"),
+    ({**CLI_BODY, "Labels": ["a=b"]}, "Labels must be an object"),
+    ({**CLI_BODY, "Env": ["SOCKETPLANE_NETWORK=a/b"]}, "invalid network name 'a/b'"),
+])
+def test_wrong_types_are_refused_at_parse(body: object, message: str) -> None:
+    """CreateRequest.parse refuses wrong types with a 400 before anything is allocated."""
+    with pytest.raises(PowerplaneError, match=re.escape(message)) as refused:
+        CreateRequest.parse(body, app_name=None)
+    assert refused.value.status == 400
+    with pytest.raises(BadRequest, match="invalid container name"):
+        CreateRequest.parse(CLI_BODY, app_name="a/b")

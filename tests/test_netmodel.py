@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from adapter.errors import InvalidNetwork
@@ -112,3 +114,42 @@ def test_records_round_trip_through_json() -> None:
     assert Host.from_json("h1", host.to_json()) == host
     record = AddressRecord("10.6.0.2", "c1", "h1", "02:42:0a:06:00:02", 2.0)
     assert AddressRecord.from_json("10.6.0.2", record.to_json()) == record
+
+
+GOOD_RECORD = {"name": "net", "cidr": "10.6.0.0/24", "gateway": "10.6.0.1", "vni": 7,
+               "mtu": None, "created": 1.0}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"created": [1]}, "'created' is an array"),
+    ({"created": "yesterday"}, "'created' is a string"),
+    ({"vni": True}, "'vni'"),
+    ({"vni": 0}, "invalid VNI 0"),
+    ({"cidr": "10.6.0.0/31"}, "prefix /31"),
+    ({"cidr": "10.6.0.1/24"}, "not a subnet address"),
+    ({"gateway": "10.7.0.1"}, "inside 10.6.0.0/24"),
+    ({"name": "a/b"}, "invalid network name"),
+    ({"mtu": 1}, "invalid MTU 1"),
+    ({"cidr": "1" * 10_000}, "(10000 characters)"),
+])
+def test_damaged_network_record_is_a_value_error(change: dict[str, object], message: str) -> None:
+    """A stored record is held to the creation rules; anything else is one ValueError."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Network.from_json({**GOOD_RECORD, **change})
+    assert Network.from_json(GOOD_RECORD).cidr == "10.6.0.0/24"
+
+
+@pytest.mark.parametrize("value", [None, "text", 5, [1], True])
+def test_records_that_are_no_object_are_value_errors(value: object) -> None:
+    """Every record kind refuses a JSON value that is not an object, with a ValueError."""
+    for parse in (Network.from_json, lambda v: Endpoint.from_json("c", v),
+                  lambda v: Host.from_json("h", v), lambda v: AddressRecord.from_json("1", v)):
+        with pytest.raises(ValueError, match="expected a JSON object"):
+            parse(value)
+
+
+def test_host_underlay_must_be_an_address_or_empty() -> None:
+    """Tunnels are built to a host's underlay address: one that is no IP address is refused."""
+    assert Host.from_json("h", {"underlay_ip": ""}).underlay_ip == ""
+    with pytest.raises(ValueError, match="not an IP address"):
+        Host.from_json("h", {"underlay_ip": "not-an-ip"})

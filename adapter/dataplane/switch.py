@@ -264,8 +264,13 @@ class DataPlane:
             if (peer.underlay_mac and peer.underlay_ip
                     and peer.underlay_ip != self.settings.underlay_ip
                     and known.get(peer.underlay_ip) != peer.underlay_mac.lower()):
-                await self.vswitchd.set_tunnel_neighbor(underlay.PHYSICAL_BRIDGE,
-                                                        peer.underlay_ip, peer.underlay_mac)
+                try:
+                    await self.vswitchd.set_tunnel_neighbor(underlay.PHYSICAL_BRIDGE,
+                                                            peer.underlay_ip, peer.underlay_mac)
+                except DataPlaneError as exc:
+                    # One peer's entry refused must not hold up the others'.
+                    log.warning("tunnel neighbour %s: %s", peer.underlay_ip, exc)
+                    continue
                 count += 1
         return count
 

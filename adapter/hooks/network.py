@@ -55,6 +55,8 @@ def _body(container: Mapping[str, Any]) -> Any:
             return json.loads(raw)
         except ValueError:
             raise BadRequest("request body is not valid JSON") from None
+        except RecursionError:
+            raise BadRequest("request body is nested too deeply to be read") from None
     return raw
 
 
@@ -113,9 +115,10 @@ class NetworkHook:
     async def _post_create(self, request: Mapping[str, Any], response: Mapping[str, Any],
                            code: int) -> None:
         body = _body(request)
-        labels = (body.get("Labels") or {}) if isinstance(body, dict) else {}
-        sandbox_id = labels.get(LABEL_SANDBOX)
-        if not sandbox_id:
+        labels = body.get("Labels") if isinstance(body, dict) else None
+        # Only a request this hook rewrote carries the sandbox label (and Labels an object).
+        sandbox_id = labels.get(LABEL_SANDBOX) if isinstance(labels, dict) else None
+        if not sandbox_id or not isinstance(labels, dict):
             return
         network, ip = labels.get(LABEL_NETWORK, ""), labels.get(LABEL_IP, "")
         created = _body(response) if 200 <= code < 300 else None
@@ -163,11 +166,15 @@ class NetworkHook:
         info = _body(response)
         if not isinstance(info, dict):
             return response
-        labels = (info.get("Config") or {}).get("Labels") or {}
-        ip = labels.get(LABEL_IP)
-        if not ip:
+        config = info.get("Config")
+        labels = config.get("Labels") if isinstance(config, dict) else None
+        ip = labels.get(LABEL_IP) if isinstance(labels, dict) else None
+        if not ip or not isinstance(labels, dict):
             return response
-        prefix = int(str(labels.get(LABEL_CIDR, "/0")).rpartition("/")[2] or 0)
+        # Anyone can set these labels on any container: a prefix that is no number is 0.
+        prefix_text = str(labels.get(LABEL_CIDR, "/0")).rpartition("/")[2]
+        prefix = int(prefix_text) if prefix_text.isascii() and prefix_text.isdigit() \
+            and len(prefix_text) <= 2 else 0
         details = {
             "IPAddress": ip,
             "IPPrefixLen": prefix,

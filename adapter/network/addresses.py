@@ -11,10 +11,14 @@ fill level (docs/state.md).
 
 from __future__ import annotations
 
+import logging
+
 from adapter.errors import NetworkNotFound, PoolExhausted
-from adapter.model import AddressRecord, Network, mac_for_ip
+from adapter.model import AddressRecord, Network, mac_for_ip, quoted
 from adapter.network.consul_kv import ConsulKV, dump, safe_key
 from adapter.network.locks import KeyedLocks
+
+log = logging.getLogger(__name__)
 
 # Addresses tried from the hint before falling back to one listing of the network's keys.
 HINT_PROBES = 8
@@ -96,9 +100,8 @@ class Addresses:
             return False
         key = f"addresses/{network}/{ip}"
         found = await self._kv.get(key)
-        if found is None or not isinstance(found[0], dict):
-            return False
-        if AddressRecord.from_json(ip, found[0]).container != owner:
+        record = None if found is None else _address_record(network, ip, found[0])
+        if found is None or record is None or record.container != owner:
             return False
         return await self._kv.delete_if_unchanged(key, found[1])
 
@@ -106,9 +109,9 @@ class Addresses:
         """Every allocated address of ``network`` with its holder, in address order."""
         items = await self._kv.items(f"addresses/{network}/")
         return {
-            ip: AddressRecord.from_json(ip, value)
+            ip: record
             for ip, value in sorted(items.items(), key=lambda kv: ip_sort_key(kv[0]))
-            if isinstance(value, dict)
+            if (record := _address_record(network, ip, value)) is not None
         }
 
     async def counts(self) -> dict[str, int]:
@@ -119,6 +122,15 @@ class Addresses:
             if ip:
                 counts[network] = counts.get(network, 0) + 1
         return counts
+
+
+def _address_record(network: str, ip: str, value: object) -> AddressRecord | None:
+    try:
+        return AddressRecord.from_json(ip, value)
+    except ValueError as exc:
+        log.warning("ignoring malformed address record %s of network %s: %s", quoted(ip),
+                    quoted(network), exc)
+        return None
 
 
 def ip_sort_key(ip: str) -> tuple[int, ...]:

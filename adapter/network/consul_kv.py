@@ -179,7 +179,7 @@ class ConsulKV:
         if item is None or item.get("Value") is None:
             return None
         value: bytes = item["Value"]
-        return value.decode()
+        return value.decode(errors="replace")  # damaged text is read as such, never a crash
 
     async def holder(self, key: str) -> str | None:
         """The session holding ``key``'s lock, if any."""

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from adapter.errors import BadRequest
-from adapter.model import parse_cidr
+from adapter.model import QUOTE_MAX, json_type, parse_cidr, quoted, validate_name
 from adapter.network.docker_api import SandboxSpec
 
 CIDR_VAR = "SOCKETPLANE_CIDR"
@@ -37,6 +38,10 @@ SANDBOX_ROLE = "sandbox"
 
 # Network modes that mean "Docker's default"; anything else is the user's explicit choice.
 DEFAULT_NETWORK_MODES = {"", "default", "bridge"}
+# Docker's rule for container names (the sandbox is named after its app).
+CONTAINER_NAME = re.compile(r"/?[a-zA-Z0-9][a-zA-Z0-9_.-]+")
+# HostConfig fields the sandbox takes over, each a list of strings.
+SANDBOX_LISTS = ("Dns", "DnsSearch", "DnsOptions", "ExtraHosts")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,11 +59,18 @@ class OverlayRequest:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "subnet", parse_cidr(self.cidr)[0] if self.cidr else None)
+        if self.network is not None:
+            validate_name(self.network)
 
 
 def overlay_request(body: Mapping[str, Any]) -> OverlayRequest | None:
     """The overlay the container asks to join, or None when it asks for none."""
-    env = body.get("Env") or []
+    env = body.get("Env")
+    if env is None:
+        return None
+    if not isinstance(env, list):
+        # Whether it names an overlay cannot be told; Docker itself would answer a 500.
+        raise BadRequest(f"Env must be an array of KEY=value strings, got {json_type(env)}")
     values: dict[str, str] = {}
     for entry in env:
         if isinstance(entry, str) and "=" in entry:
@@ -67,6 +79,9 @@ def overlay_request(body: Mapping[str, Any]) -> OverlayRequest | None:
                 values[key] = value.strip()
     if not values:
         return None
+    for index, entry in enumerate(env):
+        if not isinstance(entry, str):
+            raise BadRequest(f"Env[{index}] must be a KEY=value string, got {json_type(entry)}")
     cidr = values.get(CIDR_VAR) or None
     network = values.get(NETWORK_VAR) or None
     if cidr is None and network is None:
@@ -75,13 +90,51 @@ def overlay_request(body: Mapping[str, Any]) -> OverlayRequest | None:
     return OverlayRequest(cidr=cidr, network=network)
 
 
+def _of_type(value: Any, kind: type | tuple[type, ...], field: str, expected: str) -> Any:
+    """``value`` if it is null or of ``kind``; BadRequest naming ``field`` otherwise."""
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        raise BadRequest(f"{field} must be {expected}, got {json_type(value)}")
+    return value
+
+
+def _host_config(body: Mapping[str, Any]) -> Mapping[str, Any]:
+    return _of_type(body.get("HostConfig"), Mapping, "HostConfig", "an object") or {}
+
+
+def check_types(body: Mapping[str, Any], *, app_name: str | None) -> None:
+    """Refuse, before anything is allocated, wrong types in the fields the overlay reads or
+    rewrites; Docker would refuse them only after the sandbox exists, some with a 500."""
+    host_config = _host_config(body)
+    _of_type(host_config.get("NetworkMode"), str, "HostConfig.NetworkMode", "a string")
+    restart = _of_type(host_config.get("RestartPolicy"), Mapping, "HostConfig.RestartPolicy",
+                       "an object") or {}
+    _of_type(restart.get("Name"), str, "HostConfig.RestartPolicy.Name", "a string")
+    for name in SANDBOX_LISTS:
+        items = _of_type(host_config.get(name), list, f"HostConfig.{name}",
+                         "an array of strings") or []
+        for index, item in enumerate(items):
+            if not isinstance(item, str):
+                raise BadRequest(f"HostConfig.{name}[{index}] must be a string, got "
+                                 f"{json_type(item)}")
+    for name in ("Hostname", "Domainname"):
+        _of_type(body.get(name), str, name, "a string")
+    labels = _of_type(body.get("Labels"), Mapping, "Labels", "an object of strings") or {}
+    for key, value in labels.items():
+        if not isinstance(value, str):
+            raise BadRequest(f"Labels[{quoted(key)}] must be a string, got {json_type(value)}")
+    if app_name is not None and not CONTAINER_NAME.fullmatch(app_name):
+        raise BadRequest(f"invalid container name {quoted(app_name)}: only "
+                         "[a-zA-Z0-9][a-zA-Z0-9_.-] are allowed, at least 2 characters")
+
+
 def check_compatible(body: Mapping[str, Any]) -> None:
     """Refuse options that cannot work when the container shares a sandbox's network."""
-    host_config = body.get("HostConfig") or {}
-    mode = str(host_config.get("NetworkMode") or "")
+    host_config = _host_config(body)
+    mode = _of_type(host_config.get("NetworkMode"), str, "HostConfig.NetworkMode",
+                    "a string") or ""
     if mode not in DEFAULT_NETWORK_MODES:
         raise BadRequest(f"{CIDR_VAR}/{NETWORK_VAR} puts the container on an overlay network; "
-                         f"it cannot also use --network {mode}")
+                         f"it cannot also use --network {mode[:QUOTE_MAX]}")
     if host_config.get("PortBindings") or host_config.get("PublishAllPorts"):
         raise BadRequest("publishing ports (-p/-P) is not supported for containers on an overlay "
                          "network: reach them at their overlay address instead")
@@ -145,11 +198,15 @@ class CreateRequest:
 
         BadRequest or InvalidNetwork for a request that cannot work, before anything happens.
         """
+        if body is None:
+            return None  # Docker answers that a config is required
         if not isinstance(body, Mapping):
-            return None
+            raise BadRequest(f"the body of a container create must be a JSON object, got "
+                             f"{json_type(body)}")
         overlay = overlay_request(body)
         if overlay is None:
             return None
+        check_types(body, app_name=app_name)
         check_compatible(body)
         return cls(overlay, body, app_name)
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any
 
-from adapter.model import Endpoint
+from adapter.model import Endpoint, quoted
 from adapter.network.addresses import ip_sort_key
 from adapter.network.consul_kv import ConsulKV, safe_key
 
@@ -26,9 +24,7 @@ class EndpointRecords:
         if not safe_key(container_id):
             return None
         found = await self._kv.get(f"endpoints/{container_id}")
-        if found is None or not isinstance(found[0], dict):
-            return None
-        return _endpoint(container_id, found[0])
+        return None if found is None else _endpoint(container_id, found[0])
 
     async def delete(self, container_id: str) -> None:
         if safe_key(container_id):
@@ -39,16 +35,15 @@ class EndpointRecords:
         endpoints = [
             endpoint
             for container_id, value in (await self._kv.items("endpoints/")).items()
-            if isinstance(value, dict)
-            and (endpoint := _endpoint(container_id, value)) is not None
+            if (endpoint := _endpoint(container_id, value)) is not None
             and (host is None or endpoint.host == host)
         ]
         return sorted(endpoints, key=lambda e: (e.network, ip_sort_key(e.ip)))
 
 
-def _endpoint(container_id: str, data: Mapping[str, Any]) -> Endpoint | None:
+def _endpoint(container_id: str, data: object) -> Endpoint | None:
     try:
         return Endpoint.from_json(container_id, data)
-    except ValueError:
-        log.warning("ignoring malformed endpoint record %s", container_id)
+    except ValueError as exc:
+        log.warning("ignoring malformed endpoint record %s: %s", quoted(container_id), exc)
         return None

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from adapter.errors import StateError
-from adapter.model import Host
+from adapter.model import Host, quoted
 from adapter.network.consul_kv import ConsulKV
 from adapter.network.watch import watch
 from adapter.settings import Settings
@@ -124,6 +124,6 @@ def parse_hosts(items: Mapping[str, Any]) -> list[Host]:
     for host_id, value in items.items():
         try:
             hosts.append(Host.from_json(host_id, value))
-        except (ValueError, AttributeError):
-            log.warning("ignoring malformed host record %s", host_id)
+        except ValueError as exc:
+            log.warning("ignoring malformed host record %s: %s", quoted(host_id), exc)
     return sorted(hosts, key=lambda h: h.host_id)

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from adapter.errors import InvalidNetwork, NetworkConflict, NetworkNotFound
-from adapter.model import Network, NetworkSpec
+from adapter.model import Network, NetworkSpec, quoted
 from adapter.network.consul_kv import ConsulKV, dump, safe_key
 from adapter.network.endpoint_records import EndpointRecords
 from adapter.network.watch import watch
@@ -46,25 +46,37 @@ class Networks:
             version = await self._kv.get(VERSION_KEY)
             version_index = version[1] if version else 0
             existing = await self.all()
-            network = spec.network(self._choose_vni(spec, existing))
+            claimed_vnis = await self._kv.keys("vnis/")
+            network = spec.network(self._choose_vni(spec, existing, claimed_vnis))
+            claims = (VERSION_KEY, f"networks/{spec.name}", f"subnets/{network.cidr}",
+                      f"vnis/{network.vni}")
             result = await self._kv.txn([
-                self._kv.op("cas", VERSION_KEY, str((version[0] if version else 0) + 1),
+                self._kv.op("cas", claims[0], str(_version_number(version) + 1),
                             version_index),
-                self._kv.op("cas", f"networks/{spec.name}", dump(network.to_json()), 0),
-                self._kv.op("cas", f"subnets/{network.cidr}", spec.name, 0),
-                self._kv.op("cas", f"vnis/{network.vni}", spec.name, 0),
+                self._kv.op("cas", claims[1], dump(network.to_json()), 0),
+                self._kv.op("cas", claims[2], spec.name, 0),
+                self._kv.op("cas", claims[3], spec.name, 0),
             ])
             if result.ok:
                 log.info("created network %s (%s, VNI %d)", spec.name, network.cidr,
                          network.vni)
                 return network
+            stale = sorted(index for index in result.failed if 0 < index < len(claims))
+            if 0 not in result.failed and stale:
+                # The version held, so no network was created meanwhile: the key is held by a
+                # record the listing could not read (malformed, or left by a removal).
+                raise NetworkConflict(
+                    f"cannot create network {spec.name!r}: {self._kv.prefix}{claims[stale[0]]} "
+                    "in Consul is taken by a record that is not a valid network; remove that "
+                    "key or choose another name and subnet")
             # Someone else created a network meanwhile; back off a little and look again.
             await asyncio.sleep(random.uniform(0.0, 0.02 * (attempt + 1)))
         raise NetworkConflict(
             f"could not create network {spec.name!r}: network state kept changing; try again"
         )
 
-    def _choose_vni(self, spec: NetworkSpec, existing: list[Network]) -> int:
+    def _choose_vni(self, spec: NetworkSpec, existing: list[Network],
+                    claimed: list[str]) -> int:
         used_vnis: dict[int, str] = {}
         for other in existing:
             if other.name == spec.name:
@@ -74,14 +86,20 @@ class Networks:
                     f"subnet {spec.subnet} overlaps network {other.name!r} ({other.cidr})"
                 )
             used_vnis[other.vni] = other.name
+        # A VNI claimed under vnis/ is taken even when no readable network record holds it.
+        unreadable = {int(key) for key in claimed if key.isascii() and key.isdigit()}
         if spec.vni is not None:
             if spec.vni in used_vnis:
                 raise NetworkConflict(
                     f"VNI {spec.vni} is already used by network {used_vnis[spec.vni]!r}")
+            if spec.vni in unreadable:
+                raise NetworkConflict(
+                    f"VNI {spec.vni} is claimed in Consul ({self._kv.prefix}vnis/{spec.vni}) "
+                    "by no valid network; remove that key or choose another VNI")
             return spec.vni
         low, high = self._vni_range
         for candidate in range(low, high + 1):
-            if candidate not in used_vnis:
+            if candidate not in used_vnis and candidate not in unreadable:
                 return candidate
         raise NetworkConflict(f"no free VNI left in the range {low}-{high}")
 
@@ -115,12 +133,14 @@ class Networks:
 
     async def get(self, name: str) -> Network:
         found = await self._kv.get(f"networks/{name}") if safe_key(name) else None
-        if found is None or not isinstance(found[0], dict):
-            raise NetworkNotFound(f"network {name!r} not found")
+        if found is None:
+            raise NetworkNotFound(f"network {quoted(name)} not found")
         try:
-            return Network.from_json(found[0])
+            return _network_of_key(name, found[0])
         except ValueError as exc:
-            raise InvalidNetwork(f"malformed network record in Consul: {exc}") from None
+            key = f"{self._kv.prefix}networks/{name}"
+            raise InvalidNetwork(f"malformed network record {key} in Consul: {exc}; remove it "
+                                 f"with `consul kv delete {key}`") from None
 
     async def all(self) -> list[Network]:
         return parse_networks(await self._kv.items("networks/"))
@@ -162,7 +182,25 @@ def parse_networks(items: Mapping[str, Any]) -> list[Network]:
     networks = []
     for name, value in items.items():
         try:
-            networks.append(Network.from_json(value))
-        except (ValueError, AttributeError, TypeError):
-            log.warning("ignoring malformed network record %s", name)
+            networks.append(_network_of_key(name, value))
+        except ValueError as exc:
+            log.warning("ignoring malformed network record %s: %s", quoted(name), exc)
     return sorted(networks, key=lambda n: n.name)
+
+
+def _network_of_key(name: str, value: object) -> Network:
+    """The network stored under ``networks/<name>``; ValueError when the record is not one."""
+    network = Network.from_json(value)
+    if network.name != name:
+        raise ValueError(f"it names network {quoted(network.name)}")
+    return network
+
+
+def _version_number(found: tuple[Any, int] | None) -> int:
+    """The value of ``meta/networks-version``: a counter only CAS depends on (its index), so a
+    damaged value starts again from 0 instead of blocking every creation."""
+    value = found[0] if found else 0
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    log.warning("%s holds %s, not a number; counting again from 0", VERSION_KEY, quoted(value))
+    return 0

@@ -30,10 +30,19 @@ READY_TIMEOUT = 30.0
 
 def free_port() -> int:
     """A TCP port that nothing listens on right now (a small race we accept in tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free TCP ports: all are held at once while they are chosen, since a
+    port just released may be handed out again by the next bind."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 def _nsenter(netns: str | None, args: Sequence[str]) -> list[str]:
@@ -82,7 +91,7 @@ class ConsulAgent:
         ``extra_config`` is merged into the agent's JSON config (e.g. an ``acl`` block).
         """
         name = f"dev-{secrets.token_hex(3)}"
-        http_port = free_port()
+        http_port, server_port, serf_lan_port, serf_wan_port = free_ports(4)
         config = {
             "disable_update_check": True,
             "node_name": name,
@@ -90,9 +99,9 @@ class ConsulAgent:
                 "http": http_port,
                 "dns": -1,
                 "grpc": -1,
-                "server": free_port(),
-                "serf_lan": free_port(),
-                "serf_wan": free_port(),
+                "server": server_port,
+                "serf_lan": serf_lan_port,
+                "serf_wan": serf_wan_port,
             },
             **(extra_config or {}),
         }
