@@ -153,8 +153,6 @@ def test_unix_socket_mode_and_removal(dockerd: DockerDaemon, start_proxy: StartP
     assert not proxy.socket.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="adapter/proxy/relay.py _json_text lets json.loads' "
-                   "RecursionError escape: the connection is cut and a traceback logged")
 def test_json_nested_past_the_recursion_limit_is_400(
     dockerd: DockerDaemon, start_proxy: StartProxy
 ) -> None:

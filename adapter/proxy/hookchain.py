@@ -249,7 +249,7 @@ class HookChain:
             raise HookError(f"adapter {hook.name!r} ({hook.url}) timed out") from None
         try:
             decoded = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise HookError(
                 f"adapter {hook.name!r} ({hook.url}) answered invalid JSON: {_quote(text)}"
             ) from None

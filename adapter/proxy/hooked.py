@@ -121,6 +121,8 @@ def _json_text(head: Head, body: bytes) -> str | None:
         json.loads(text)
     except ValueError as exc:
         raise BadRequest(f"invalid JSON body for {head.method} {head.path}: {exc}") from None
+    except RecursionError:
+        raise BadRequest(f"JSON body for {head.method} {head.path} is nested too deeply") from None
     return text
 
 
