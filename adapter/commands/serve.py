@@ -12,12 +12,7 @@ from typing import Any
 import sdnotify
 
 from adapter.cli import configure_logging
-from adapter.hooks.network import HOOK_NAME, NetworkHook
 from adapter.network.readiness import CONSUL, DATAPLANE, LISTENERS, Readiness, StatusFile
-from adapter.network.runtime import host_runtime
-from adapter.proxy.adapters_config import load_adapters_config
-from adapter.proxy.listeners import INSECURE_TCP_FLAG, Listeners, plan_listeners
-from adapter.proxy.relay import make_proxy
 from adapter.settings import CONSUL_OPTIONS, SERVE_OPTIONS, add_options, load_settings
 
 log = logging.getLogger("powerplane.serve")
@@ -37,6 +32,14 @@ def register(subparsers: Any) -> None:
 
 
 async def serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    # Imported here, not at the top: every `powerplane` command registers this module's parser,
+    # and the proxy, hooks and data plane would cost the others most of a second to import.
+    from adapter.hooks.network import HOOK_NAME, NetworkHook
+    from adapter.network.runtime import host_runtime
+    from adapter.proxy.adapters_config import load_adapters_config
+    from adapter.proxy.listeners import INSECURE_TCP_FLAG, Listeners, plan_listeners
+    from adapter.proxy.relay import make_proxy
+
     settings = load_settings(args, environ, (*SERVE_OPTIONS, *CONSUL_OPTIONS))
     configure_logging(settings.log_level)
     # Every configuration problem is found before anything starts.

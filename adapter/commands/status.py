@@ -14,9 +14,7 @@ from typing import Any
 
 from adapter.commands.network import format_table
 from adapter.commands.serve import STATUS_FILE_NAME
-from adapter.dataplane.switch import DataPlane
 from adapter.errors import PowerplaneError
-from adapter.network.docker_api import Docker
 from adapter.network.readiness import StatusFile
 from adapter.network.state import State
 from adapter.settings import CONSUL_OPTIONS, SERVE_OPTIONS, Option, add_options, load_settings
@@ -49,6 +47,10 @@ async def _check(report: dict[str, Any], name: str, probe: Awaitable[Any]) -> An
 
 
 async def _status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    # Imported here: see adapter/commands/serve.py.
+    from adapter.dataplane.switch import DataPlane
+    from adapter.network.docker_api import Docker
+
     settings = load_settings(args, environ, STATUS_OPTIONS)
     state, docker, dataplane = State(settings), Docker(settings.docker_url), DataPlane(settings)
     checks: dict[str, Any] = {}
