@@ -854,7 +854,8 @@ BAD_ADAPTERS_FILES: list[tuple[bytes, str]] = [
 
 
 def test_serve_with_a_bad_adapters_file_exits_with_one_line(tmp_path: Path) -> None:
-    """Each bad adapters.yml: serve exits 1 with one line naming the file and the problem."""
+    """Each bad adapters.yml: serve exits 1 with one line naming the file and the problem,
+    before it starts anything (not even its status file)."""
     started = []
     for index, (content, needle) in enumerate(BAD_ADAPTERS_FILES):
         config = tmp_path / f"adapters{index}.yml"
@@ -863,10 +864,12 @@ def test_serve_with_a_bad_adapters_file_exits_with_one_line(tmp_path: Path) -> N
             [POWERPLANE, "serve", "--adapters", str(config), "--consul", "127.0.0.1:1",
              "--listen", f"unix://{tmp_path}/s{index}.sock", "--ovsdb", f"unix:{tmp_path}/no-db",
              "--run-dir", str(tmp_path / f"run{index}"), "--docker", f"unix://{tmp_path}/no-d"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), config, needle))
-    for process, config, needle in started:
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), config, needle,
+            tmp_path / f"run{index}"))
+    for process, config, needle, run_dir in started:
         _, stderr = process.communicate(timeout=60)
         assert process.returncode == 1, stderr
+        assert not run_dir.exists(), f"{config}: serve started before refusing it"
         assert "Traceback" not in stderr, stderr
         last = stderr.strip().splitlines()[-1]
         assert last.startswith(f"powerplane: {config}: ") and needle in last, stderr

@@ -37,6 +37,7 @@ async def serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from adapter.hooks.network import HOOK_NAME, NetworkHook
     from adapter.network.runtime import host_runtime
     from adapter.proxy.adapters_config import load_adapters_config
+    from adapter.proxy.hookchain import HookChain
     from adapter.proxy.listeners import INSECURE_TCP_FLAG, Listeners, plan_listeners
     from adapter.proxy.relay import make_proxy
 
@@ -47,6 +48,8 @@ async def serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     adapters_config = (
         load_adapters_config(settings.adapters_file) if settings.adapters_file else None
     )
+    if adapters_config is not None:
+        HookChain.check_names(adapters_config, (HOOK_NAME,))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

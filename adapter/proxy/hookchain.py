@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from fnmatch import translate
 from typing import Any
@@ -139,11 +139,7 @@ class HookChain:
                 return Hook(name, url=config.adapters[name])
             if skip_unknown:
                 return None
-            raise ConfigError(
-                f"{config.source}: unknown adapter {name!r}: not a built-in hook "
-                f"({', '.join(sorted(builtin_hooks)) or 'none registered'}) and not listed "
-                "under 'adapters:'"
-            )
+            raise _unknown_adapter(config, name, builtin_hooks)
 
         routes = []
         for endpoint in config.endpoints:
@@ -153,6 +149,15 @@ class HookChain:
                 routes.append(_Route(endpoint.method, endpoint.path_pattern,
                                      MatchedHooks(pre, post)))
         return cls(tuple(routes), session)
+
+    @staticmethod
+    def check_names(config: AdaptersConfig, builtin_names: Collection[str]) -> None:
+        """ConfigError for a name in ``config`` that is neither built in nor an adapter: lets
+        ``serve`` refuse a bad file before the hooks themselves exist."""
+        for endpoint in config.endpoints:
+            for name in (*endpoint.pre, *endpoint.post):
+                if name not in builtin_names and name not in config.adapters:
+                    raise _unknown_adapter(config, name, builtin_names)
 
     @property
     def empty(self) -> bool:
@@ -256,6 +261,15 @@ class HookChain:
         if not isinstance(decoded, dict):
             raise HookError(f"adapter {hook.name!r} ({hook.url}) answered a non-object")
         return decoded
+
+
+def _unknown_adapter(config: AdaptersConfig, name: str,
+                     builtin_names: Collection[str]) -> ConfigError:
+    return ConfigError(
+        f"{config.source}: unknown adapter {name!r}: not a built-in hook "
+        f"({', '.join(sorted(builtin_names)) or 'none registered'}) and not listed "
+        "under 'adapters:'"
+    )
 
 
 def _quote(text: str) -> str:
