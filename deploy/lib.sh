@@ -128,24 +128,6 @@ debian_archive_uri() {
   printf '%s\n' "${uri%/}"
 }
 
-# hold_service_starts POLICY: keep Debian packages from starting their daemons while they
-# install (POLICY is /usr/sbin/policy-rc.d; a policy that answers 101). An administrator's own POLICY file is set aside and
-# release_service_starts puts it back unchanged. What an interrupted run left is undone first.
-hold_service_starts() {
-  local policy=$1
-  local saved="$policy.powerplane-saved"
-  if [ -e "$saved" ] || [ -L "$saved" ]; then
-    mv -f "$saved" "$policy"
-  elif grep -qs "^$policy_marker" "$policy"; then
-    rm -f "$policy"
-  fi
-  if [ -e "$policy" ] || [ -L "$policy" ]; then mv "$policy" "$saved"; fi
-  { printf '#!/bin/sh\n%s while it installs packages.\nexit 101\n' "$policy_marker"; } \
-    > "$policy.powerplane-new"
-  chmod 0755 "$policy.powerplane-new"
-  mv -f "$policy.powerplane-new" "$policy"
-}
-
 # release_service_starts POLICY: undo hold_service_starts; safe to call when nothing is held.
 release_service_starts() {
   local policy=$1
@@ -156,6 +138,20 @@ release_service_starts() {
     rm -f "$policy"
   fi
   rm -f "$policy.powerplane-new"
+}
+
+# hold_service_starts POLICY: keep Debian packages from starting their daemons while they
+# install (POLICY is /usr/sbin/policy-rc.d; a policy that answers 101). An administrator's own
+# POLICY file is set aside and release_service_starts puts it back unchanged. What an
+# interrupted run left is undone first.
+hold_service_starts() {
+  local policy=$1
+  release_service_starts "$policy"
+  if [ -e "$policy" ] || [ -L "$policy" ]; then mv "$policy" "$policy.powerplane-saved"; fi
+  { printf '#!/bin/sh\n%s while it installs packages.\nexit 101\n' "$policy_marker"; } \
+    > "$policy.powerplane-new"
+  chmod 0755 "$policy.powerplane-new"
+  mv -f "$policy.powerplane-new" "$policy"
 }
 policy_marker="# Written by Powerplane's deploy/install.sh"
 

@@ -110,74 +110,73 @@ class FakeState:
         pass
 
 
+class FakeHost:
+    """One host's endpoint manager and agent over the fakes above."""
+
+    def __init__(self) -> None:
+        settings = Settings(host_id="h1")
+        self.docker, self.dataplane, self.state = FakeDocker(), FakeDataPlane(), FakeState()
+        self.endpoints = EndpointManager(
+            settings, state=self.state, dataplane=self.dataplane,  # type: ignore[arg-type]
+            docker=self.docker)  # type: ignore[arg-type]
+        self.agent = HostAgent(
+            settings, state=self.state, dataplane=self.dataplane,  # type: ignore[arg-type]
+            docker=self.docker, endpoints=self.endpoints)  # type: ignore[arg-type]
+
+
 async def test_a_sandbox_whose_create_is_in_flight_is_not_removed() -> None:
     """A reconciliation between Docker creating the sandbox and the create call returning
     leaves it alone; the attach completes with the sandbox plugged and its address held."""
-    settings = Settings(host_id="h1")
-    docker, dataplane, state = FakeDocker(), FakeDataPlane(), FakeState()
-    endpoints = EndpointManager(settings, state=state, dataplane=dataplane,  # type: ignore[arg-type]
-                                docker=docker)  # type: ignore[arg-type]
-    agent = HostAgent(settings, state=state, dataplane=dataplane,  # type: ignore[arg-type]
-                      docker=docker, endpoints=endpoints)  # type: ignore[arg-type]
+    host = FakeHost()
     reports = []
 
     async def reconcile_now() -> None:
-        reports.append(await agent.reconcile())
+        reports.append(await host.agent.reconcile())
 
-    docker.during_create = reconcile_now
+    host.docker.during_create = reconcile_now
     request = CreateRequest.parse({"Env": ["SOCKETPLANE_CIDR=10.44.0.0/24"]}, app_name="app")
     assert request is not None
-    attachment = await endpoints.attach(request)
+    attachment = await host.endpoints.attach(request)
     assert len(reports) == 1 and reports[0].removed_sandboxes == []
-    assert docker.removed == []
-    assert attachment.sandbox_id in docker.containers_by_id
-    assert attachment.sandbox_id in dataplane.ports
-    assert state.held == {attachment.ip: attachment.sandbox_id}
+    assert host.docker.removed == []
+    assert attachment.sandbox_id in host.docker.containers_by_id
+    assert attachment.sandbox_id in host.dataplane.ports
+    assert host.state.held == {attachment.ip: attachment.sandbox_id}
 
 
 async def test_an_app_committed_during_a_reconciliation_keeps_its_sandbox() -> None:
     """The app's create returns and is committed just after the reconciler listed the apps
     (so its listing lacks the app): the sandbox, its port and its address stay."""
-    settings = Settings(host_id="h1")
-    docker, dataplane, state = FakeDocker(), FakeDataPlane(), FakeState()
-    endpoints = EndpointManager(settings, state=state, dataplane=dataplane,  # type: ignore[arg-type]
-                                docker=docker)  # type: ignore[arg-type]
-    agent = HostAgent(settings, state=state, dataplane=dataplane,  # type: ignore[arg-type]
-                      docker=docker, endpoints=endpoints)  # type: ignore[arg-type]
+    host = FakeHost()
     request = CreateRequest.parse({"Env": ["SOCKETPLANE_CIDR=10.44.0.0/24"]}, app_name="app")
     assert request is not None
-    attachment = await endpoints.attach(request)
+    attachment = await host.endpoints.attach(request)
 
     async def app_created_and_committed() -> None:
         app_id = "a" * 64
-        docker.containers_by_id[app_id] = {
+        host.docker.containers_by_id[app_id] = {
             "Id": app_id, "State": "created",
             "Labels": attachment.app_labels("h1")}
-        await endpoints.commit(app_id=app_id, network="net", ip=attachment.ip,
+        await host.endpoints.commit(app_id=app_id, network="net", ip=attachment.ip,
                                mac=attachment.mac, port=attachment.port,
                                sandbox_id=attachment.sandbox_id)
 
-    docker.after_listing_apps = app_created_and_committed
-    report = await agent.reconcile()
+    host.docker.after_listing_apps = app_created_and_committed
+    report = await host.agent.reconcile()
     assert (report.removed_sandboxes, report.removed_ports, report.released_addresses) == (
         [], [], [])
-    assert attachment.sandbox_id in docker.containers_by_id
-    assert attachment.sandbox_id in dataplane.ports
-    assert state.held == {attachment.ip: attachment.sandbox_id}
+    assert attachment.sandbox_id in host.docker.containers_by_id
+    assert attachment.sandbox_id in host.dataplane.ports
+    assert host.state.held == {attachment.ip: attachment.sandbox_id}
 
 
 async def test_a_sandbox_left_by_a_create_that_never_returned_is_removed() -> None:
     """The token protects only a create in flight in this process: a sandbox labelled by a
     create that is over (a crashed serve) is an orphan, and the next reconciliation removes it."""
-    settings = Settings(host_id="h1")
-    docker, dataplane, state = FakeDocker(), FakeDataPlane(), FakeState()
-    endpoints = EndpointManager(settings, state=state, dataplane=dataplane,  # type: ignore[arg-type]
-                                docker=docker)  # type: ignore[arg-type]
-    agent = HostAgent(settings, state=state, dataplane=dataplane,  # type: ignore[arg-type]
-                      docker=docker, endpoints=endpoints)  # type: ignore[arg-type]
-    orphan = await docker.create_sandbox(SandboxSpec(image="busybox", labels={
+    host = FakeHost()
+    orphan = await host.docker.create_sandbox(SandboxSpec(image="busybox", labels={
         "io.powerplane.role": "sandbox", "io.powerplane.host": "h1",
         "io.powerplane.network": "net", "io.powerplane.creation": "0123456789abcdef"}))
-    report = await agent.reconcile()
+    report = await host.agent.reconcile()
     assert report.removed_sandboxes == [orphan[:12]]
-    assert docker.removed == [orphan]
+    assert host.docker.removed == [orphan]
