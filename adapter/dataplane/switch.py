@@ -39,6 +39,7 @@ VXLAN_OVERHEAD = 50
 DEFAULT_UNDERLAY_MTU = 1500
 MAX_TAG = 4094
 CONTAINER_IFNAME = "eth0"
+PORT_PREFIX = "ovs"
 
 
 def port_name(container_id: str) -> str:
@@ -46,7 +47,7 @@ def port_name(container_id: str) -> str:
     short = container_id.lower()
     if len(short) < 12 or any(c not in "0123456789abcdef" for c in short[:12]):
         short = hashlib.sha256(container_id.encode()).hexdigest()
-    return "ovs" + short[:12]
+    return PORT_PREFIX + short[:12]
 
 
 def tunnel_name(remote_ip: str, vni: int) -> str:
@@ -201,6 +202,19 @@ class DataPlane:
     async def plugged(self) -> list[PluggedPort]:
         """Every container port the bridge holds."""
         return [p for port in await self._ports() if (p := _plugged(port)) is not None]
+
+    async def port_links(self) -> set[str]:
+        """Host-side container veths that exist in the kernel, plugged or not, by name.
+
+        A port whose veth is missing here lost its device (the container's namespace died with
+        the container: a daemon restart, a reboot); a veth no port holds was left by a plug
+        that never finished.
+        """
+        return await links.veth_names(PORT_PREFIX)
+
+    async def remove_port_link(self, port: str) -> None:
+        """Remove a container port's host-side veth that no OVS port holds (both ends go)."""
+        await links.delete_link(port)
 
     # -- tunnels -------------------------------------------------------------------------------
 

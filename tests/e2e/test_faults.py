@@ -1,0 +1,212 @@
+"""Faults survived (issue 13): one host's daemons fail, the overlay comes back whole.
+
+Each test breaks one host of a 3-host lab the way production breaks (a daemon restarted, a crash,
+a Consul outage, a reboot, serve killed mid-create), waits for what the failed part reports as
+ready, and ends with ``assert_consistent``: nothing lost, nothing leaked, as Consul, OVS, Docker
+and the kernel each see it.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from tests.e2e.cluster import DOCKER, RECONCILE_INTERVAL, E2ELab, Host, addresses_of
+
+pytestmark = pytest.mark.lab
+
+SANDBOX_LABEL = "io.powerplane.sandbox"
+ROLE_FILTER = "label=io.powerplane.role=sandbox"
+# Bounds on waiting for a condition, in reconcile intervals; never a sleep before a check.
+CONVERGE_SECONDS = RECONCILE_INTERVAL * 4 + 20
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2ELab]:
+    with E2ELab(3, tmp_path_factory.mktemp("faults")) as built:
+        yield built
+
+
+# -- waiting -------------------------------------------------------------------------------------
+
+
+def wait_for(what: str, check: Callable[[], object], timeout: float = CONVERGE_SECONDS,
+             interval: float = 0.2) -> object:
+    """Poll ``check`` until it returns something true; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        time.sleep(interval)
+
+
+def overlay_ip(host: Host, container: str) -> str | None:
+    result = host.docker_cli("exec", container, "ip", "-4", "addr", "show", "eth0",
+                             check=False, direct=True)
+    found = addresses_of(result.stdout) if result.returncode == 0 else []
+    return found[0] if found else None
+
+
+def pings(host: Host, container: str, ip: str, count: int = 1) -> bool:
+    result = host.docker_cli("exec", container, "ping", "-c", str(count), "-W", "1", ip,
+                             check=False, direct=True)
+    return result.returncode == 0
+
+
+def wait_ping(host: Host, container: str, ip: str) -> None:
+    wait_for(f"{host.name}/{container} reaches {ip}", lambda: pings(host, container, ip))
+
+
+def running(host: Host, container: str) -> bool:
+    result = host.docker_cli("inspect", "-f", "{{.State.Running}}", container, check=False,
+                             direct=True)
+    return result.stdout.strip() == "true"
+
+
+def run_app(host: Host, name: str, cidr: str, *extra: str) -> str:
+    """``docker run -d`` through the proxy; the container's overlay address."""
+    host.docker_cli("run", "-d", "--name", name, "-e", f"SOCKETPLANE_CIDR={cidr}", *extra,
+                    "busybox", "sleep", "100000")
+    ip = overlay_ip(host, name)
+    assert ip is not None, f"{name} has no overlay address"
+    return ip
+
+
+def serve_waits_ready(host: Host) -> None:
+    wait_for(f"{host.name}: serve reports ready", host.serve_ready)
+
+
+# -- nothing lost, nothing leaked ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What one host holds, from Docker, OVS and the kernel."""
+
+    apps: dict[str, str]  # app id -> its sandbox id
+    sandboxes: set[str]
+    ports: set[str]  # OVS container ports (ovs…)
+    veths: set[str]  # host-side veths named ovs…
+
+
+def inventory(host: Host) -> Inventory:
+    ids = host.docker_cli("ps", "-aq", "--no-trunc", "--filter", f"label={SANDBOX_LABEL}",
+                          direct=True).stdout.split()
+    apps: dict[str, str] = {}
+    if ids:
+        for info in json.loads(host.docker_cli("inspect", *ids, direct=True).stdout):
+            apps[info["Id"]] = info["Config"]["Labels"][SANDBOX_LABEL]
+    sandboxes = set(host.docker_cli("ps", "-aq", "--no-trunc", "--filter", ROLE_FILTER,
+                                    direct=True).stdout.split())
+    ports = {p for p in host.ovs_ports() if p.startswith("ovs")}
+    return Inventory(apps, sandboxes, ports, set(host.veths()))
+
+
+def port_of(container_id: str) -> str:
+    return "ovs" + container_id[:12]
+
+
+def problems(lab: E2ELab) -> list[str]:
+    """Every disagreement between Consul, OVS, Docker and the kernel; [] when consistent."""
+    found: list[str] = []
+    endpoints = {key.rsplit("/", 1)[1]: json.loads(_value(item))
+                 for key, item in lab.consul_kv("endpoints/").items()}
+    addresses = {key.split("addresses/", 1)[1]: json.loads(_value(item))
+                 for key, item in lab.consul_kv("addresses/").items()}
+    held = {(f"{record['network']}/{record['ip']}") for record in endpoints.values()}
+    for key in sorted(set(addresses) - held):
+        found.append(f"Consul: address {key} held by no endpoint ({addresses[key]})")
+    for key in sorted(held - set(addresses)):
+        found.append(f"Consul: an endpoint holds {key} but no address key does")
+    for host in lab.hosts:
+        inv = inventory(host)
+        mine = {app: e for app, e in endpoints.items() if e["host"] == host.name}
+        for app in sorted(set(mine) - set(inv.apps)):
+            found.append(f"{host.name}: endpoint of {app[:12]} but no such container")
+        for app in sorted(set(inv.apps) - set(mine)):
+            found.append(f"{host.name}: container {app[:12]} has no endpoint record")
+        for app, record in mine.items():
+            sandbox = inv.apps.get(app)
+            if sandbox is None:
+                continue
+            owner = addresses.get(f"{record['network']}/{record['ip']}", {}).get("container")
+            if owner != sandbox:
+                found.append(f"{host.name}: {record['ip']} of {app[:12]} is held by "
+                             f"{str(owner)[:12]}, not its sandbox {sandbox[:12]}")
+        used = set(inv.apps.values())
+        for sandbox in sorted(inv.sandboxes - used):
+            found.append(f"{host.name}: orphan sandbox {sandbox[:12]}")
+        for sandbox in sorted(used - inv.sandboxes):
+            found.append(f"{host.name}: sandbox {sandbox[:12]} of an app is gone")
+        wanted_ports = {port_of(s) for s in used & inv.sandboxes}
+        for port in sorted(inv.ports - wanted_ports):
+            found.append(f"{host.name}: OVS port {port} has no sandbox")
+        for port in sorted(wanted_ports - inv.ports):
+            found.append(f"{host.name}: sandbox of {port} has no OVS port")
+        for veth in sorted(inv.veths - inv.ports):
+            found.append(f"{host.name}: stray veth {veth}")
+        for port in sorted(inv.ports - inv.veths):
+            found.append(f"{host.name}: OVS port {port} has no veth")
+    return found
+
+
+def _value(item: dict[str, object]) -> str:
+    import base64
+
+    raw = item.get("Value")
+    return base64.b64decode(str(raw)).decode() if raw else "null"
+
+
+def assert_consistent(lab: E2ELab) -> None:
+    """Nothing lost, nothing leaked: waits (bounded) for reconciliation to agree everywhere."""
+    last: list[str] = []
+
+    def check() -> bool:
+        nonlocal last
+        last = problems(lab)
+        return not last
+
+    try:
+        wait_for("Consul, OVS, Docker and the kernel agree", check)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}:\n  " + "\n  ".join(last)) from None
+
+
+def remove(host: Host, *names: str) -> None:
+    if names:
+        host.docker_cli("rm", "-f", *names)
+
+
+# -- the faults ----------------------------------------------------------------------------------
+
+
+def test_dockerd_restart_brings_restart_policy_containers_back(lab: E2ELab) -> None:
+    """dockerd stopped and started on the same data-root: `--restart unless-stopped` containers
+    return on their old addresses and reach a peer on another host."""
+    a, b = lab.hosts[0], lab.hosts[1]
+    cidr = "10.13.1.0/24"
+    kept = run_app(a, "dr-kept", cidr, "--restart", "unless-stopped")
+    peer = run_app(b, "dr-peer", cidr)
+    wait_ping(b, "dr-peer", kept)
+
+    a.stop_dockerd()
+    a.start_dockerd()
+
+    wait_for("dr-kept running again", lambda: running(a, "dr-kept"))
+    wait_for("dr-kept back on its old address", lambda: overlay_ip(a, "dr-kept") == kept)
+    wait_ping(a, "dr-kept", peer)
+    wait_ping(b, "dr-peer", kept)
+    assert_consistent(lab)
+    remove(a, "dr-kept")
+    remove(b, "dr-peer")
+    assert_consistent(lab)
