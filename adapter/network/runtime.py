@@ -78,7 +78,8 @@ async def host_runtime(settings: Settings, readiness: Readiness) -> AsyncIterato
                          f"Open vSwitch at {settings.ovsdb}, bridge {settings.bridge}")
             readiness.mark_up(DATAPLANE, overlay_mtu=dataplane.overlay_mtu())
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(_registered(state, host, readiness, dataplane),
+                tasks.create_task(_registered(state, host, readiness, dataplane,
+                                              settings.reconcile_interval),
                                   name="powerplane-host-registration")
                 tasks.create_task(agent.run(), name="powerplane-host-agent")
 
@@ -88,7 +89,7 @@ async def host_runtime(settings: Settings, readiness: Readiness) -> AsyncIterato
 
 
 async def _registered(state: State, host: Host, readiness: Readiness,
-                      dataplane: DataPlane) -> None:
+                      dataplane: DataPlane, interval: float) -> None:
     """Hold this host's registration; with an underlay IP, keep the tunnels in line."""
     backoff = RETRY_MIN_SECONDS
     while True:
@@ -97,8 +98,9 @@ async def _registered(state: State, host: Host, readiness: Readiness,
                 host, on_registered=lambda: readiness.mark_up(CONSUL))
             async with registered:
                 if host.underlay_ip:
-                    await TunnelReconciler(dataplane, hosts=state.hosts,
-                                           networks=state.networks).run()
+                    await TunnelReconciler(dataplane, hosts=state.hosts, networks=state.networks,
+                                           holders=state.endpoints.hosts_holding,
+                                           interval=interval).run()
                 else:
                     await asyncio.Event().wait()  # nothing to follow; hold the session
         except PowerplaneError as exc:

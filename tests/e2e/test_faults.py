@@ -244,3 +244,68 @@ def test_ovs_killed_and_restarted_comes_back(lab: E2ELab) -> None:
     remove(a, "ovs-mine")
     remove(b, "ovs-peer")
     assert_consistent(lab)
+
+
+class Pinger:
+    """``ping`` from a container, running in the background for a stretch of time."""
+
+    def __init__(self, host: Host, container: str, ip: str, seconds: float) -> None:
+        count = int(seconds / 0.5) + 1
+        self.process = subprocess.Popen(
+            [DOCKER, "-H", host.docker.url, "exec", container, "ping", "-i", "0.5", "-W", "2",
+             "-c", str(count), ip], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.what = f"{host.name}/{container} -> {ip}"
+
+    def lost(self) -> tuple[int, str]:
+        """Packets lost (waits for the run to end) and ping's summary."""
+        out, _ = self.process.communicate(timeout=120)
+        summary = next((line for line in out.splitlines() if "packets transmitted" in line), "")
+        words = summary.replace(",", "").split()
+        sent, received = int(words[0]), int(words[3])
+        return sent - received, f"{self.what}: {summary}"
+
+
+OUTAGE_SECONDS = 30.0
+
+
+def test_consul_agent_down_for_30s(lab: E2ELab) -> None:
+    """The local Consul agent of one host stopped for 30 s: traffic between containers goes on,
+    a create on that host fails within seconds naming Consul, and afterwards all agrees."""
+    a, b = lab.hosts[0], lab.hosts[1]
+    cidr = "10.13.3.0/24"
+    mine = run_app(a, "cs-mine", cidr)
+    peer = run_app(b, "cs-peer", cidr)
+    wait_ping(a, "cs-mine", peer)
+    wait_ping(b, "cs-peer", mine)
+    before = a.docker_cli("ps", "-aq", direct=True).stdout.split()
+
+    pingers = [Pinger(a, "cs-mine", peer, OUTAGE_SECONDS + 5),
+               Pinger(b, "cs-peer", mine, OUTAGE_SECONDS + 5)]
+    a.consul.stop()
+    stopped = time.monotonic()
+    try:
+        started = time.monotonic()
+        refused = a.docker_cli("run", "-d", "--name", "cs-refused", "-e",
+                               f"SOCKETPLANE_CIDR={cidr}", "busybox", "true", check=False)
+        took = time.monotonic() - started
+        assert refused.returncode != 0, refused.stdout
+        assert "Consul" in refused.stderr, refused.stderr
+        assert took < 15, f"a create with Consul down took {took:.1f} s: {refused.stderr}"
+        # The outage lasts its full length whatever happens above: that is the fault.
+        time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - stopped)))
+    finally:
+        a.consul.start(wait=False)
+    a.consul.wait_ready(need_leader=True)
+    for pinger in pingers:
+        lost, summary = pinger.lost()
+        assert lost == 0, summary
+
+    assert a.docker_cli("ps", "-aq", direct=True).stdout.split() == before
+    serve_waits_ready(a)
+    wait_ping(a, "cs-mine", peer)
+    a.docker_cli("run", "-d", "--name", "cs-after", "-e", f"SOCKETPLANE_CIDR={cidr}",
+                 "busybox", "sleep", "100000")
+    assert_consistent(lab)
+    remove(a, "cs-mine", "cs-after")
+    remove(b, "cs-peer")
+    assert_consistent(lab)
