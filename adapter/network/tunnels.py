@@ -98,8 +98,10 @@ class TunnelReconciler:
         for remote_ip in sorted({t.remote_ip for t in change.added}):
             prime_peer(remote_ip)
         if change.added or change.removed:
-            log.info("tunnels: +%d -%d (peers: %s)", len(change.added), len(change.removed),
-                     ", ".join(sorted({t.remote_ip for t in change.added})) or "-")
+            log.info("tunnels: +%d -%d (added to: %s; removed to: %s)", len(change.added),
+                     len(change.removed),
+                     ", ".join(sorted({t.remote_ip for t in change.added})) or "-",
+                     ", ".join(sorted({t.remote_ip for t in change.removed})) or "-")
         return change
 
     async def _follow_hosts(self) -> None:

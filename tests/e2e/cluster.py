@@ -187,6 +187,19 @@ class Host:
         for stale in ("docker.sock", "dockerd.pid"):
             (self.docker.run_dir / stale).unlink(missing_ok=True)
 
+    def power_cycle_kernel_state(self) -> None:
+        """What a reboot does to this host's kernel once its processes are dead (kill them
+        first): dockerd's mounts and runtime files, OVS's tap devices and the XDP program on
+        the underlay port are gone, and the boot network configuration puts the underlay
+        address back on eth0."""
+        self.forget_mounts()
+        for tap in ("br-phy", "powerplane0", "ovs-netdev"):
+            self.netns.run(["ip", "link", "del", tap], check=False)
+        for mode in ("xdpgeneric", "xdpdrv", "xdp"):
+            self.netns.run(["ip", "link", "set", "dev", "eth0", mode, "off"], check=False)
+        self.netns.run(["ip", "addr", "replace", f"{self.netns.ip}/24", "dev", "eth0"])
+        self.netns.run(["ip", "link", "set", "eth0", "up"])
+
     def stray_veths(self) -> list[str]:
         """Container port veths (``ovs…``) in this host's namespace that OVS does not hold."""
         out = self.netns.run(["ip", "-o", "link", "show", "type", "veth"]).stdout

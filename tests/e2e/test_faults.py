@@ -309,3 +309,83 @@ def test_consul_agent_down_for_30s(lab: E2ELab) -> None:
     remove(a, "cs-mine", "cs-after")
     remove(b, "cs-peer")
     assert_consistent(lab)
+
+
+def tunnels_to(host: Host, ip: str) -> list[str]:
+    out = host.ovs.vsctl("--columns=name,options", "find", "interface", "type=vxlan")
+    return [line for line in out.split("\n\n") if f'remote_ip="{ip}"' in line]
+
+
+def test_host_reboot(lab: E2ELab) -> None:
+    """Every process of one host SIGKILLed and its runtime state lost, as in a power cut; then
+    started in the documented order (OVS, Consul, Docker, serve): restart-policy containers
+    return on their addresses and peers reach them again."""
+    a, c = lab.hosts[0], lab.hosts[2]
+    cidr = "10.13.4.0/24"
+    kept = run_app(c, "rb-kept", cidr, "--restart", "unless-stopped")
+    peer = run_app(a, "rb-peer", cidr)
+    wait_ping(a, "rb-peer", kept)
+
+    c.kill_serve(signal.SIGKILL)
+    c.kill_dockerd()
+    c.ovs.kill()
+    c.consul.kill()
+    c.power_cycle_kernel_state()
+
+    c.ovs.restart()
+    c.consul.start(wait=False)
+    c.start_dockerd()
+    c.start_serve()  # returns once serve reports ready: data plane, Consul session, listeners
+    c.consul.wait_ready(need_leader=True)
+
+    wait_for("rb-kept running again", lambda: running(c, "rb-kept"))
+    wait_for("rb-kept back on its old address", lambda: overlay_ip(c, "rb-kept") == kept)
+    wait_ping(c, "rb-kept", peer)
+    wait_ping(a, "rb-peer", kept)
+    for other in (a, lab.hosts[1]):
+        assert tunnels_to(other, c.netns.ip), f"{other.name} has no tunnel to {c.name}"
+    assert_consistent(lab)
+    remove(c, "rb-kept")
+    remove(a, "rb-peer")
+    assert_consistent(lab)
+
+
+def apps_of(host: Host) -> list[str]:
+    return host.docker_cli("ps", "-aq", "--filter", f"label={SANDBOX_LABEL}",
+                           direct=True).stdout.split()
+
+
+def test_serve_killed_during_parallel_creates(lab: E2ELab) -> None:
+    """serve SIGKILLed while 20 `docker run -d` are under way, then started again: containers
+    whose run succeeded work, the others are gone or complete; nothing leaks."""
+    a, b = lab.hosts[0], lab.hosts[1]
+    cidr = "10.13.5.0/24"
+    peer = run_app(a, "par-peer", cidr)
+    outcome: dict[int, bool] = {}
+
+    def create(index: int) -> None:
+        result = b.docker_cli("run", "-d", "--name", f"par{index}", "-e",
+                              f"SOCKETPLANE_CIDR={cidr}", "busybox", "sleep", "100000",
+                              check=False, timeout=120)
+        outcome[index] = result.returncode == 0
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(20)]
+    for thread in threads:
+        thread.start()
+    # Mid-flight: some apps created already, others still on their way.
+    wait_for("creates under way", lambda: len(apps_of(b)) >= 3, interval=0.05)
+    b.kill_serve(signal.SIGKILL)
+    for thread in threads:
+        thread.join(150)
+    b.start_serve()
+
+    done = sorted(i for i, ok in outcome.items() if ok)
+    print(f"serve killed: {len(done)} of 20 runs succeeded, {len(apps_of(b))} apps exist")
+    assert_consistent(lab)
+    for index in done:
+        assert running(b, f"par{index}"), f"par{index} was created but does not run"
+        wait_ping(b, f"par{index}", peer)
+    leftover = b.docker_cli("ps", "-aq", "--filter", "name=par", direct=True).stdout.split()
+    remove(b, *leftover)
+    remove(a, "par-peer")
+    assert_consistent(lab)
