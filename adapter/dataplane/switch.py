@@ -124,18 +124,37 @@ class DataPlane:
         # changes could otherwise pick the same tag for different networks.
         self._lock = asyncio.Lock()
         self._mtu: int | None = settings.mtu
+        self._underlay_interface: str | None = None
 
     async def start(self) -> None:
         """Connect to OVS; ensure the bridge (and, with netdev, the underlay bridge)."""
         await self.ovs.connect()
         underlay_mtu = DEFAULT_UNDERLAY_MTU
         if self.settings.datapath == "netdev" and self.settings.underlay_ip:
-            underlay_mtu = await underlay.ensure_netdev_underlay(self.ovs, self.settings)
+            underlay_mtu, self._underlay_interface = await underlay.ensure_netdev_underlay(
+                self.ovs, self.settings, self._underlay_interface)
         elif self.settings.underlay_ip:
             underlay_mtu = await underlay.underlay_mtu(self.settings)
         await self.ovs.ensure_bridge(self.bridge, datapath=self.settings.datapath)
         if self.settings.mtu is None:
             self._mtu = underlay_mtu - VXLAN_OVERHEAD
+
+    async def ensure(self) -> bool:
+        """Put back what OVS or the kernel lost since ``start``; True when something was lost.
+
+        Our whole switch lives in OVSDB, so a vswitchd restarted on its database rebuilds it by
+        itself; a database started afresh (or a bridge deleted by hand) loses the bridge, and
+        with it every port. Checking costs one read of OVSDB's replica and, with netdev, one
+        netlink dump; the ports and tunnels are put back by their own reconcilers.
+        """
+        lost = not await self.ovs.bridge_exists(self.bridge)
+        if not lost and self.settings.datapath == "netdev":
+            lost = not await underlay.underlay_in_place(self.settings)
+        if lost:
+            log.warning("Open vSwitch lost bridge %s or the underlay set-up; putting it back",
+                        self.bridge)
+            await self.start()
+        return lost
 
     async def close(self) -> None:
         await self.ovs.close()

@@ -35,8 +35,19 @@ async def underlay_mtu(settings: Settings) -> int:
     return await links.link_mtu(name) if name else 1500
 
 
-async def ensure_netdev_underlay(ovs: Ovs, settings: Settings) -> int:
-    """Put the underlay address on ``br-phy`` holding the underlay interface; return its MTU."""
+async def underlay_in_place(settings: Settings) -> bool:
+    """Whether the underlay address still sits on ``br-phy`` (cheap: one netlink dump)."""
+    if not settings.underlay_ip:
+        return True
+    found = await links.interface_with_address(settings.underlay_ip)
+    return found is not None and found[0] == PHYSICAL_BRIDGE
+
+
+async def ensure_netdev_underlay(ovs: Ovs, settings: Settings,
+                                 interface: str | None = None) -> tuple[int, str]:
+    """Put the underlay address on ``br-phy`` holding the underlay interface; return its MTU
+    and the interface. ``interface``: the one found by an earlier run, for when OVS lost
+    ``br-phy`` but the address still sits on its device."""
     ip = settings.underlay_ip
     if not ip:
         raise DataPlaneError("the netdev datapath needs --underlay-ip")
@@ -44,7 +55,7 @@ async def ensure_netdev_underlay(ovs: Ovs, settings: Settings) -> int:
     if found is None:
         raise DataPlaneError(f"no interface holds the underlay address {ip}")
     holder, prefixlen = found
-    interface = settings.underlay_interface
+    interface = settings.underlay_interface or interface
     if interface is None:
         if holder != PHYSICAL_BRIDGE:
             interface = holder
@@ -68,4 +79,4 @@ async def ensure_netdev_underlay(ovs: Ovs, settings: Settings) -> int:
     # br-phy is a tap read by userspace OVS: with offload on, the host's own TCP over the
     # underlay (Consul!) leaves with unfinished checksums and is dropped by the peer.
     await links.set_tx_checksum(PHYSICAL_BRIDGE, False)
-    return mtu
+    return mtu, interface

@@ -54,11 +54,13 @@ class ReconcileReport:
     restored_endpoints: list[str] = field(default_factory=list)
     replugged: list[str] = field(default_factory=list)
     removed_veths: list[str] = field(default_factory=list)
+    restored_bridge: bool = False
 
     def changed(self) -> bool:
-        return any((self.released_endpoints, self.removed_sandboxes, self.removed_ports,
-                    self.released_addresses, self.restored_endpoints, self.replugged,
-                    self.removed_veths))
+        return self.restored_bridge or any((
+            self.released_endpoints, self.removed_sandboxes, self.removed_ports,
+            self.released_addresses, self.restored_endpoints, self.replugged,
+            self.removed_veths))
 
 
 class HostAgent:
@@ -141,6 +143,8 @@ class HostAgent:
 
     async def _reconcile(self) -> ReconcileReport:
         report = ReconcileReport()
+        # First the switch itself: ports cannot be re-plugged on a bridge OVS lost.
+        report.restored_bridge = await self._dataplane.ensure()
         sandboxes = {c["Id"]: c for c in await self._docker.containers(
             label=f"{LABEL_ROLE}={SANDBOX_ROLE}")
             if (c.get("Labels") or {}).get(LABEL_HOST) == self._host}

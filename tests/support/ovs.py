@@ -119,12 +119,18 @@ class OvsInstance:
                 process.wait(10)
         self._processes.clear()
 
-    def restart(self) -> None:
-        """Start both daemons again on the database file they used before (after ``kill``)."""
+    def restart(self, *, fresh_database: bool = False) -> None:
+        """Start both daemons again (after ``kill``) on the database file they used before, or
+        on a new empty one (``fresh_database``: as after a reinstall)."""
         if self._processes:
             raise RuntimeError("OVS is still running; kill it first")
         for stale in ("ovsdb-server.pid", "ovs-vswitchd.pid"):
             (self.workdir / stale).unlink(missing_ok=True)
+        if fresh_database:
+            db = self.workdir / "conf.db"
+            db.unlink()
+            subprocess.run(["ovsdb-tool", "create", str(db), str(SCHEMA)], check=True,
+                           capture_output=True, env=self.env)
         self._start_daemons()
 
     def _wait_for(self, ready: object, what: str, timeout: float = 10.0) -> None:
