@@ -124,15 +124,16 @@ class DataPlane:
         # changes could otherwise pick the same tag for different networks.
         self._lock = asyncio.Lock()
         self._mtu: int | None = settings.mtu
-        self._underlay_interface: str | None = None
+        self._underlay: underlay.UnderlaySetup | None = None  # what start() found, if netdev
 
     async def start(self) -> None:
         """Connect to OVS; ensure the bridge (and, with netdev, the underlay bridge)."""
         await self.ovs.connect()
         underlay_mtu = DEFAULT_UNDERLAY_MTU
         if self.settings.datapath == "netdev" and self.settings.underlay_ip:
-            underlay_mtu, self._underlay_interface = await underlay.ensure_netdev_underlay(
-                self.ovs, self.settings, self._underlay_interface)
+            self._underlay = await underlay.ensure_netdev_underlay(self.ovs, self.settings,
+                                                                   self._underlay)
+            underlay_mtu = self._underlay.mtu
         elif self.settings.underlay_ip:
             underlay_mtu = await underlay.underlay_mtu(self.settings)
         await self.ovs.ensure_bridge(self.bridge, datapath=self.settings.datapath)

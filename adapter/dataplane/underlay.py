@@ -16,6 +16,8 @@ Every step checks first, so re-running after a crash or a restart changes nothin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from adapter.dataplane import links
 from adapter.dataplane.ovs import Ovs, OvsPort
 from adapter.errors import DataPlaneError
@@ -43,21 +45,36 @@ async def underlay_in_place(settings: Settings) -> bool:
     return found is not None and found[0] == PHYSICAL_BRIDGE
 
 
+@dataclass(frozen=True, slots=True)
+class UnderlaySetup:
+    """What an earlier run found: the underlay interface and the address's prefix length."""
+
+    interface: str
+    prefixlen: int
+    mtu: int
+
+
 async def ensure_netdev_underlay(ovs: Ovs, settings: Settings,
-                                 interface: str | None = None) -> tuple[int, str]:
-    """Put the underlay address on ``br-phy`` holding the underlay interface; return its MTU
-    and the interface. ``interface``: the one found by an earlier run, for when OVS lost
-    ``br-phy`` but the address still sits on its device."""
+                                 known: UnderlaySetup | None = None) -> UnderlaySetup:
+    """Put the underlay address on ``br-phy`` holding the underlay interface.
+
+    ``known``: what an earlier run found, for when OVS lost ``br-phy`` (its device and the
+    address with it, or the device still holding the address) and nothing else tells.
+    """
     ip = settings.underlay_ip
     if not ip:
         raise DataPlaneError("the netdev datapath needs --underlay-ip")
     found = await links.interface_with_address(ip)
-    if found is None:
+    holder: str | None
+    if found is not None:
+        holder, prefixlen = found
+    elif known is not None:
+        holder, prefixlen = None, known.prefixlen
+    else:
         raise DataPlaneError(f"no interface holds the underlay address {ip}")
-    holder, prefixlen = found
-    interface = settings.underlay_interface or interface
+    interface = settings.underlay_interface or (known.interface if known else None)
     if interface is None:
-        if holder != PHYSICAL_BRIDGE:
+        if holder is not None and holder != PHYSICAL_BRIDGE:
             interface = holder
         else:
             # A re-run: the address already moved; the underlay port is the one br-phy holds.
@@ -73,10 +90,12 @@ async def ensure_netdev_underlay(ovs: Ovs, settings: Settings,
         interface, UNDERLAY_PORT_TYPE, None, False,
         {"powerplane-kind": "underlay"}, UNDERLAY_PORT_OPTIONS,
     )])
+    # vswitchd may re-create br-phy's device (without the address) once it reads the bridge
+    # back: a reconciliation that finds the address gone puts it back from what we knew.
     if holder != PHYSICAL_BRIDGE:
-        await links.move_address(f"{ip}/{prefixlen}", interface, PHYSICAL_BRIDGE)
+        await links.move_address(f"{ip}/{prefixlen}", holder or interface, PHYSICAL_BRIDGE)
     await links.set_mtu(PHYSICAL_BRIDGE, mtu)
     # br-phy is a tap read by userspace OVS: with offload on, the host's own TCP over the
     # underlay (Consul!) leaves with unfinished checksums and is dropped by the peer.
     await links.set_tx_checksum(PHYSICAL_BRIDGE, False)
-    return mtu, interface
+    return UnderlaySetup(interface, prefixlen, mtu)

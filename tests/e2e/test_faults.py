@@ -34,6 +34,15 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2ELab]:
         yield built
 
 
+@pytest.fixture(autouse=True)
+def healthy(lab: E2ELab) -> None:
+    """Each fault starts on a healthy lab: every Consul agent sees a leader, every serve is
+    ready (a previous fault's host may still be rejoining its Consul cluster)."""
+    for host in lab.hosts:
+        host.consul.wait_ready(need_leader=True)
+        serve_waits_ready(host)
+
+
 # -- waiting -------------------------------------------------------------------------------------
 
 
@@ -262,6 +271,11 @@ def test_ovs_restarted_on_a_fresh_database(lab: E2ELab) -> None:
 
     a.ovs.kill()
     a.ovs.restart(fresh_database=True)
+    # The underlay address sits on an OVS bridge: this host's Consul was cut off with OVS and
+    # rejoins its cluster only once serve put the underlay back. Ports need Consul (their
+    # network and address) to be plugged again; the bound starts once it answers.
+    wait_for(f"{a.name}: bridge put back", lambda: switch_state(a) is not None)
+    a.consul.wait_ready(need_leader=True)
 
     # One interval to notice, one for the work: the bound, not a wait.
     wait_for("the bridge as it was", lambda: switch_state(a) == before,
@@ -413,6 +427,12 @@ def test_serve_killed_during_parallel_creates(lab: E2ELab) -> None:
     for index in done:
         assert running(b, f"par{index}"), f"par{index} was created but does not run"
         wait_ping(b, f"par{index}", peer)
+    # Created but never started (serve died between create and start): complete, so a
+    # `docker start` through the proxy gives a working container.
+    for name in b.docker_cli("ps", "-a", "--format", "{{.Names}}", "--filter", "name=par",
+                             "--filter", "status=created", direct=True).stdout.split():
+        b.docker_cli("start", name)
+        wait_ping(b, name, peer)
     leftover = b.docker_cli("ps", "-aq", "--filter", "name=par", direct=True).stdout.split()
     remove(b, *leftover)
     remove(a, "par-peer")
