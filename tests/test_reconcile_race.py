@@ -76,6 +76,16 @@ class FakeDataPlane:
     async def plugged(self) -> Sequence[Any]:
         return list(self.ports.values())
 
+    async def port_links(self) -> set[str]:
+        # Every plugged port's veth is alive: these tests are about Docker and Consul.
+        return {port.port for port in self.ports.values()}
+
+    async def ensure(self) -> bool:
+        return False  # the bridge is there
+
+    async def remove_port_link(self, port: str) -> None:
+        raise AssertionError(f"no veth is a stray here, yet {port} was removed")
+
 
 class FakeState:
     """The parts of State the endpoint manager and the agent use, in memory."""

@@ -266,6 +266,15 @@ async def interface_with_address(ip: str, *, netns: str | None = None) -> tuple[
 
 
 @_on_netlink_loop
+async def veth_names(prefix: str, *, netns: str | None = None) -> set[str]:
+    """Names of the veths in ``netns`` (default: ours) that start with ``prefix``: one dump."""
+    async with _iproute(netns) as ipr:
+        return {str(link.get("IFLA_IFNAME")) async for link in await ipr.link("dump")
+                if str(link.get("IFLA_IFNAME") or "").startswith(prefix)
+                and link.get(("IFLA_LINKINFO", "IFLA_INFO_KIND")) == "veth"}
+
+
+@_on_netlink_loop
 async def delete_link(ifname: str, *, netns: str | None = None) -> None:
     """Remove ``ifname`` (for a veth, both ends go); nothing if it is gone."""
     async with _iproute(netns) as ipr:

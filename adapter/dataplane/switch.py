@@ -40,6 +40,7 @@ VXLAN_OVERHEAD = 50
 DEFAULT_UNDERLAY_MTU = 1500
 MAX_TAG = 4094
 CONTAINER_IFNAME = "eth0"
+PORT_PREFIX = "ovs"
 
 
 def port_name(container_id: str) -> str:
@@ -47,7 +48,7 @@ def port_name(container_id: str) -> str:
     short = container_id.lower()
     if len(short) < 12 or any(c not in "0123456789abcdef" for c in short[:12]):
         short = hashlib.sha256(container_id.encode()).hexdigest()
-    return "ovs" + short[:12]
+    return PORT_PREFIX + short[:12]
 
 
 def tunnel_name(remote_ip: str, vni: int) -> str:
@@ -127,19 +128,39 @@ class DataPlane:
         # changes could otherwise pick the same tag for different networks.
         self._lock = asyncio.Lock()
         self._mtu: int | None = settings.mtu
+        self._underlay: underlay.UnderlaySetup | None = None  # what start() found, if netdev
 
     async def start(self) -> None:
         """Connect to OVS; ensure the bridge (and, with netdev, the underlay bridge)."""
         await self.ovs.connect()
         underlay_mtu = DEFAULT_UNDERLAY_MTU
         if self.settings.datapath == "netdev" and self.settings.underlay_ip:
-            underlay_mtu, self.underlay_mac = await underlay.ensure_netdev_underlay(
-                self.ovs, self.settings)
+            self._underlay = await underlay.ensure_netdev_underlay(self.ovs, self.settings,
+                                                                   self._underlay)
+            underlay_mtu = self._underlay.mtu
+            self.underlay_mac = self._underlay.mac
         elif self.settings.underlay_ip:
             underlay_mtu, self.underlay_mac = await underlay.underlay_link(self.settings)
         await self.ovs.ensure_bridge(self.bridge, datapath=self.settings.datapath)
         if self.settings.mtu is None:
             self._mtu = underlay_mtu - VXLAN_OVERHEAD
+
+    async def ensure(self) -> bool:
+        """Put back what OVS or the kernel lost since ``start``; True when something was lost.
+
+        Our whole switch lives in OVSDB, so a vswitchd restarted on its database rebuilds it by
+        itself; a database started afresh (or a bridge deleted by hand) loses the bridge, and
+        with it every port. Checking costs one read of OVSDB's replica and, with netdev, one
+        netlink dump; the ports and tunnels are put back by their own reconcilers.
+        """
+        lost = not await self.ovs.bridge_exists(self.bridge)
+        if not lost and self.settings.datapath == "netdev":
+            lost = not await underlay.underlay_in_place(self.settings)
+        if lost:
+            log.warning("Open vSwitch lost bridge %s or the underlay set-up; putting it back",
+                        self.bridge)
+            await self.start()
+        return lost
 
     async def close(self) -> None:
         await self.ovs.close()
@@ -206,6 +227,19 @@ class DataPlane:
     async def plugged(self) -> list[PluggedPort]:
         """Every container port the bridge holds."""
         return [p for port in await self._ports() if (p := _plugged(port)) is not None]
+
+    async def port_links(self) -> set[str]:
+        """Host-side container veths that exist in the kernel, plugged or not, by name.
+
+        A port whose veth is missing here lost its device (the container's namespace died with
+        the container: a daemon restart, a reboot); a veth no port holds was left by a plug
+        that never finished.
+        """
+        return await links.veth_names(PORT_PREFIX)
+
+    async def remove_port_link(self, port: str) -> None:
+        """Remove a container port's host-side veth that no OVS port holds (both ends go)."""
+        await links.delete_link(port)
 
     # -- tunnels -------------------------------------------------------------------------------
 

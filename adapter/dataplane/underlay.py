@@ -16,6 +16,8 @@ Every step checks first, so re-running after a crash or a restart changes nothin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from adapter.dataplane import links
 from adapter.dataplane.ovs import Ovs, OvsPort
 from adapter.errors import DataPlaneError
@@ -37,21 +39,46 @@ async def underlay_link(settings: Settings) -> tuple[int, str]:
     return await links.link_mtu(name), await links.link_mac(name)
 
 
-async def ensure_netdev_underlay(ovs: Ovs, settings: Settings) -> tuple[int, str]:
+async def underlay_in_place(settings: Settings) -> bool:
+    """Whether the underlay address still sits on ``br-phy`` (cheap: one netlink dump)."""
+    if not settings.underlay_ip:
+        return True
+    found = await links.interface_with_address(settings.underlay_ip)
+    return found is not None and found[0] == PHYSICAL_BRIDGE
+
+
+@dataclass(frozen=True, slots=True)
+class UnderlaySetup:
+    """What an earlier run found: the underlay interface, the address's prefix length, the
+    interface's MTU and MAC (br-phy takes it: tunnels to this host are sent to it)."""
+
+    interface: str
+    prefixlen: int
+    mtu: int
+    mac: str
+
+
+async def ensure_netdev_underlay(ovs: Ovs, settings: Settings,
+                                 known: UnderlaySetup | None = None) -> UnderlaySetup:
     """Put the underlay address on ``br-phy`` holding the underlay interface.
 
-    Returns its MTU and the MAC tunnels to this host are sent to (br-phy takes the interface's).
+    ``known``: what an earlier run found, for when OVS lost ``br-phy`` (its device and the
+    address with it, or the device still holding the address) and nothing else tells.
     """
     ip = settings.underlay_ip
     if not ip:
         raise DataPlaneError("the netdev datapath needs --underlay-ip")
     found = await links.interface_with_address(ip)
-    if found is None:
+    holder: str | None
+    if found is not None:
+        holder, prefixlen = found
+    elif known is not None:
+        holder, prefixlen = None, known.prefixlen
+    else:
         raise DataPlaneError(f"no interface holds the underlay address {ip}")
-    holder, prefixlen = found
-    interface = settings.underlay_interface
+    interface = settings.underlay_interface or (known.interface if known else None)
     if interface is None:
-        if holder != PHYSICAL_BRIDGE:
+        if holder is not None and holder != PHYSICAL_BRIDGE:
             interface = holder
         else:
             # A re-run: the address already moved; the underlay port is the one br-phy holds.
@@ -67,10 +94,12 @@ async def ensure_netdev_underlay(ovs: Ovs, settings: Settings) -> tuple[int, str
         interface, UNDERLAY_PORT_TYPE, None, False,
         {"powerplane-kind": "underlay"}, UNDERLAY_PORT_OPTIONS,
     )])
+    # vswitchd may re-create br-phy's device (without the address) once it reads the bridge
+    # back: a reconciliation that finds the address gone puts it back from what we knew.
     if holder != PHYSICAL_BRIDGE:
-        await links.move_address(f"{ip}/{prefixlen}", interface, PHYSICAL_BRIDGE)
+        await links.move_address(f"{ip}/{prefixlen}", holder or interface, PHYSICAL_BRIDGE)
     await links.set_mtu(PHYSICAL_BRIDGE, mtu)
     # br-phy is a tap read by userspace OVS: with offload on, the host's own TCP over the
     # underlay (Consul!) leaves with unfinished checksums and is dropped by the peer.
     await links.set_tx_checksum(PHYSICAL_BRIDGE, False)
-    return mtu, mac
+    return UnderlaySetup(interface, prefixlen, mtu, mac)

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from adapter.dataplane.switch import port_name
 from adapter.errors import PowerplaneError
 from adapter.network.create_rewrite import (
     LABEL_HOST,
@@ -52,10 +53,14 @@ class ReconcileReport:
     released_addresses: list[str] = field(default_factory=list)
     restored_endpoints: list[str] = field(default_factory=list)
     replugged: list[str] = field(default_factory=list)
+    removed_veths: list[str] = field(default_factory=list)
+    restored_bridge: bool = False
 
     def changed(self) -> bool:
-        return any((self.released_endpoints, self.removed_sandboxes, self.removed_ports,
-                    self.released_addresses, self.restored_endpoints, self.replugged))
+        return self.restored_bridge or any((
+            self.released_endpoints, self.removed_sandboxes, self.removed_ports,
+            self.released_addresses, self.restored_endpoints, self.replugged,
+            self.removed_veths))
 
 
 class HostAgent:
@@ -92,15 +97,25 @@ class HostAgent:
                 await asyncio.wait_for(self._wake.wait(), self._settings.reconcile_interval)
 
     async def _follow_events(self) -> None:
+        # Where a re-opened stream resumes: the last event seen, so a restarted dockerd's
+        # restarts of sandboxes (restart policies) are handled as if we had been listening.
+        resume: float | None = None
         while True:
             try:
-                async for event in self._docker.events(types=("destroy", "start")):
+                if resume is None:
+                    resume = time.time()
+                else:
+                    await self._docker.ping()
+                    # Docker is back: what happened while it was away is reconciled now,
+                    # not an interval later.
+                    self._wake.set()
+                async for event in self._docker.events(types=("destroy", "start"),
+                                                       since=resume):
+                    resume = max(resume, int(event.get("timeNano") or 0) / 1e9)
                     await self._on_event(event)
             except PowerplaneError as exc:
                 log.warning("Docker events interrupted (%s); retrying in %ss", exc,
                             EVENT_RETRY_SECONDS)
-            # Events may have been missed while the stream was down.
-            self._wake.set()
             await asyncio.sleep(EVENT_RETRY_SECONDS)
 
     async def _on_event(self, event: Mapping[str, Any]) -> None:
@@ -128,6 +143,8 @@ class HostAgent:
 
     async def _reconcile(self) -> ReconcileReport:
         report = ReconcileReport()
+        # First the switch itself: ports cannot be re-plugged on a bridge OVS lost.
+        report.restored_bridge = await self._dataplane.ensure()
         # Creates go on while this runs, so the order of reads matters. Endpoint records first:
         # an app is created before its record is written, so every recorded app is in the
         # Docker listing that follows unless it is really gone. Sandboxes before apps: a
@@ -172,6 +189,9 @@ class HostAgent:
                 or self._endpoints.is_pending(s, sandbox.get("Labels") or {}, since=began)}
 
         plugged = {p.container_id: p for p in await self._dataplane.plugged()}
+        # Read after the ports: a plug finishing in between shows a veth and no port, never
+        # the reverse, and a veth of a live sandbox is never taken for a stray.
+        veths = await self._dataplane.port_links()
         for container_id in plugged:
             # A sandbox made after the listing above may be plugged by now: pending, not orphan.
             if container_id not in live and not self._endpoints.is_pending(container_id,
@@ -179,11 +199,20 @@ class HostAgent:
                 await self._dataplane.unplug(container_id)
                 report.removed_ports.append(container_id[:12])
         for sandbox_id in live:
-            if sandbox_id in plugged or self._endpoints.is_pending(sandbox_id):
+            if self._endpoints.is_pending(sandbox_id):
                 continue
-            if str(sandboxes[sandbox_id].get("State")) == "running":
-                await self._endpoints.replug(sandbox_id, sandboxes[sandbox_id].get("Labels") or {})
+            port = plugged.get(sandbox_id)
+            # A port whose veth is gone lost its namespace: the sandbox was started again
+            # (daemon restart, reboot) while no `start` event reached us.
+            dead = port is not None and port.port not in veths
+            if (port is None or dead) and str(sandboxes[sandbox_id].get("State")) == "running":
+                await self._endpoints.replug(sandbox_id, sandboxes[sandbox_id].get("Labels") or {},
+                                             fresh=dead)
                 report.replugged.append(sandbox_id[:12])
+        owned = {port_name(s) for s in live | self._endpoints.pending(since=began)}
+        for veth in sorted(veths - owned - {p.port for p in plugged.values()}):
+            await self._dataplane.remove_port_link(veth)
+            report.removed_veths.append(veth)
 
         for network in await self._state.networks.all():
             for ip, record in (await self._state.addresses.of_network(network.name)).items():

@@ -157,8 +157,12 @@ class Docker:
 
         return await self._call("list containers", run)
 
-    async def events(self, *, types: Sequence[str]) -> AsyncIterator[dict[str, Any]]:
+    async def events(self, *, types: Sequence[str],
+                     since: float | None = None) -> AsyncIterator[dict[str, Any]]:
         """Container events with the given actions, as they happen, until cancelled.
+
+        ``since`` (a Unix time) replays the events the daemon still holds from then on first:
+        a stream re-opened after dockerd restarted misses nothing the new daemon did.
 
         The blocking stream is read in a thread and handed over through a queue; cancelling
         the consumer closes the stream so the thread ends too.
@@ -167,7 +171,7 @@ class Docker:
         queue: asyncio.Queue[dict[str, Any] | BaseException | None] = asyncio.Queue()
 
         def open_stream(api: docker.APIClient) -> Any:
-            return api.events(decode=True,
+            return api.events(decode=True, since=None if since is None else f"{since:.9f}",
                               filters={"type": ["container"], "event": list(types)})
 
         stream = await self._call("stream events", open_stream)

@@ -40,6 +40,10 @@ class EndpointRecords:
         ]
         return sorted(endpoints, key=lambda e: (e.network, ip_sort_key(e.ip)))
 
+    async def hosts_holding(self) -> set[str]:
+        """The ids of the hosts that Consul records endpoints on."""
+        return {endpoint.host for endpoint in await self.all()}
+
 
 def _endpoint(container_id: str, data: object) -> Endpoint | None:
     try:

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from adapter.dataplane.switch import port_name
 from adapter.errors import BadRequest, NetworkNotFound, PowerplaneError
 from adapter.model import Endpoint, Network
 from adapter.network.create_rewrite import (
@@ -73,6 +74,12 @@ class DataPlaneLike(Protocol):
     async def unplug(self, container_id: str) -> None: ...
 
     async def plugged(self) -> Sequence[PluggedPortLike]: ...
+
+    async def port_links(self) -> set[str]: ...
+
+    async def ensure(self) -> bool: ...
+
+    async def remove_port_link(self, port: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +146,13 @@ class EndpointManager:
             return True
         deadline = self._pending.get(sandbox_id)
         return deadline is not None and deadline > time.monotonic()
+
+    def pending(self, *, since: float) -> set[str]:
+        """The sandboxes of creates still in flight in this process, and those whose app was
+        committed at or after ``since``: the ones ``is_pending`` names, known by id."""
+        now = time.monotonic()
+        return ({sandbox for sandbox, deadline in self._pending.items() if deadline > now}
+                | {sandbox for sandbox, at in self._committed_at.items() if at >= since})
 
     async def resolve_network(self, request: OverlayRequest) -> Network:
         """The network a SOCKETPLANE_* request names: joined by name, or by subnet (created)."""
@@ -278,8 +292,13 @@ class EndpointManager:
             await self._docker.start(sandbox_id)
         await self.replug(sandbox_id, info["Config"].get("Labels") or {})
 
-    async def replug(self, sandbox_id: str, labels: Mapping[str, str]) -> None:
-        """Plug a running sandbox again from its labels; a no-op when nothing changed."""
+    async def replug(self, sandbox_id: str, labels: Mapping[str, str], *,
+                     fresh: bool = False) -> None:
+        """Plug a running sandbox again from its labels; a no-op when nothing changed.
+
+        ``fresh``: the port is known to be dead (its veth is gone), so start from nothing even
+        when this process plugged the sandbox's current namespace itself.
+        """
         network_name = labels.get(LABEL_NETWORK)
         if not network_name:
             return
@@ -293,7 +312,11 @@ class EndpointManager:
                 log.warning("sandbox %s holds no address on %s; leaving it to reconciliation",
                             sandbox_id[:12], network.name)
                 return
-            if self._plugged_pid.get(sandbox_id) != pid:
+            if fresh and self._plugged_pid.get(sandbox_id) == pid:
+                # Plugged into this very namespace, maybe by a `start` event while the caller
+                # looked: dead only if the veth is still missing now.
+                fresh = port_name(sandbox_id) not in await self._dataplane.port_links()
+            if fresh or self._plugged_pid.get(sandbox_id) != pid:
                 # A new namespace (the sandbox restarted): its old veth died with the old one,
                 # and the bridge keeps a port for a device that is gone. Start from nothing.
                 await self._dataplane.unplug(sandbox_id)

@@ -79,7 +79,8 @@ async def host_runtime(settings: Settings, readiness: Readiness) -> AsyncIterato
             host = Host(settings.host_id, settings.underlay_ip or "", socket.gethostname(),
                         __version__, dataplane.underlay_mac)
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(_registered(state, host, readiness, dataplane, settings),
+                tasks.create_task(_registered(state, host, readiness, dataplane,
+                                              settings.reconcile_interval),
                                   name="powerplane-host-registration")
                 tasks.create_task(agent.run(), name="powerplane-host-agent")
 
@@ -90,7 +91,7 @@ async def host_runtime(settings: Settings, readiness: Readiness) -> AsyncIterato
 
 
 async def _registered(state: State, host: Host, readiness: Readiness,
-                      dataplane: DataPlane, settings: Settings) -> None:
+                      dataplane: DataPlane, interval: float) -> None:
     """Hold this host's registration; with an underlay IP, keep the tunnels in line."""
     backoff = RETRY_MIN_SECONDS
     while True:
@@ -100,9 +101,9 @@ async def _registered(state: State, host: Host, readiness: Readiness,
                 on_failed=lambda reason: readiness.mark_waiting(CONSUL, reason))
             async with registered:
                 if host.underlay_ip:
-                    await TunnelReconciler(dataplane, hosts=state.hosts,
-                                           networks=state.networks,
-                                           refresh=settings.reconcile_interval).run()
+                    await TunnelReconciler(dataplane, hosts=state.hosts, networks=state.networks,
+                                           holders=state.endpoints.hosts_holding,
+                                           interval=interval).run()
                 else:
                     await asyncio.Event().wait()  # nothing to follow; hold the session
         except PowerplaneError as exc:

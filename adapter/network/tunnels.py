@@ -2,8 +2,15 @@
 
 It follows two Consul watches (hosts, networks) and after every change makes the tunnel ports
 exactly (remote hosts) x (networks); never a tunnel to this host itself. A reconciliation that
-changes nothing writes nothing to OVS. Without a change it runs again every ``refresh`` seconds,
-which puts back what was lost behind its back (an ovs-vswitchd restart forgets neighbours).
+changes nothing writes nothing to OVS. It also runs once every ``interval`` seconds, so tunnels
+that OVS lost (a database started afresh, a port deleted by hand) and tunnel neighbours
+an ovs-vswitchd restart forgot come back by themselves.
+
+A host whose registration lapsed keeps its tunnels while Consul still records endpoints on it.
+Its session expires when it cannot renew it, which is as true of a host whose Consul agent is
+down (its containers running and talking) as of a dead one: traffic must not depend on the
+control plane being reachable. A host that is gone and holds nothing loses its tunnels; the
+underlay address of a lapsed host is the one last seen (in the host list or on our tunnels).
 
 The userspace datapath drops the first packet to a peer whose underlay MAC it has not learnt
 (it sends an ARP request instead, and learns only from ARP it sees, which does not happen while
@@ -19,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from adapter.dataplane.switch import DataPlane, TunnelChange
@@ -49,15 +56,44 @@ class TunnelReconciler:
     """Runs until cancelled: every host or network change becomes one ``set_tunnels`` call."""
 
     def __init__(self, dataplane: DataPlane, *, hosts: Follows, networks: Follows,
-                 refresh: float) -> None:
+                 holders: Callable[[], Awaitable[set[str]]] | None = None,
+                 interval: float | None = None) -> None:
         self.dataplane = dataplane
-        self._refresh = refresh
         self._host_list = hosts
         self._network_list = networks
+        self._holders = holders
+        self._interval = interval
         self.hosts: list[Host] | None = None
         self.networks: list[Network] | None = None
+        self._known: dict[str, Host] = {}  # every host seen, by id: where a lapsed one was
+        self.retained: set[str] = set()  # lapsed hosts whose tunnels stay (they hold endpoints)
         self._changed = asyncio.Event()
         self.reconciled = asyncio.Event()  # set after each reconciliation (tests wait on it)
+
+    async def peers(self, registered: Sequence[Host]) -> list[Host]:
+        """The hosts to have tunnels to: the registered ones and lapsed ones holding endpoints."""
+        self._known.update((h.host_id, h) for h in registered)
+        ids = {h.host_id for h in registered}
+        ips = {h.underlay_ip for h in registered}
+        lapsed = {i: h for i, h in self._known.items() if i not in ids and h.underlay_ip not in ips}
+        if lapsed and self._holders is not None:
+            try:
+                holding = await self._holders()
+            except PowerplaneError as exc:
+                # Cannot tell who holds what: dropping tunnels on half a picture is the worse
+                # mistake, so keep them until Consul answers.
+                log.warning("keeping tunnels to %s: %s", ", ".join(sorted(lapsed)), exc)
+                holding = set(lapsed)
+        else:
+            holding = set()
+        for host_id in set(lapsed) - holding:
+            del self._known[host_id]
+            del lapsed[host_id]
+        if set(lapsed) != self.retained:
+            log.info("hosts not registered but holding endpoints, tunnels kept: %s",
+                     ", ".join(sorted(lapsed)) or "-")
+        self.retained = set(lapsed)
+        return [*registered, *lapsed.values()]
 
     async def reconcile(self, hosts: Sequence[Host], networks: Sequence[Network]) -> TunnelChange:
         """Make the tunnels match ``hosts`` x ``networks`` once; tell the datapath the peers."""
@@ -67,8 +103,10 @@ class TunnelReconciler:
         for remote_ip in sorted({t.remote_ip for t in change.added} & without_mac):
             prime_peer(remote_ip)
         if change.added or change.removed:
-            log.info("tunnels: +%d -%d (peers: %s)", len(change.added), len(change.removed),
-                     ", ".join(sorted({t.remote_ip for t in change.added})) or "-")
+            log.info("tunnels: +%d -%d (added to: %s; removed to: %s)", len(change.added),
+                     len(change.removed),
+                     ", ".join(sorted({t.remote_ip for t in change.added})) or "-",
+                     ", ".join(sorted({t.remote_ip for t in change.removed})) or "-")
         return change
 
     async def _follow_hosts(self) -> None:
@@ -83,17 +121,23 @@ class TunnelReconciler:
 
     async def run(self) -> None:
         """Follow both watches and reconcile after every change, until cancelled."""
+        # Where our tunnels end is known before Consul answers: after a restart of serve, a
+        # lapsed peer's address is on the tunnel ports we left.
+        with contextlib.suppress(PowerplaneError):
+            for tunnel in await self.dataplane.tunnels():
+                self._known.setdefault(tunnel.host_id, Host(tunnel.host_id, tunnel.remote_ip,
+                                                             "", ""))
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._follow_hosts(), name="powerplane-watch-hosts")
             tasks.create_task(self._follow_networks(), name="powerplane-watch-networks")
             while True:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), self._refresh)
+                    await asyncio.wait_for(self._changed.wait(), self._interval)
                 self._changed.clear()
                 if self.hosts is None or self.networks is None:
                     continue  # reconcile on a full picture only: never drop tunnels on half of it
                 try:
-                    await self.reconcile(self.hosts, self.networks)
+                    await self.reconcile(await self.peers(self.hosts), self.networks)
                 except PowerplaneError:  # keep following; the next change retries
                     log.exception("tunnel reconciliation failed; retrying on the next change")
                     await asyncio.sleep(1)

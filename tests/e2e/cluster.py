@@ -8,6 +8,7 @@ with ``DOCKER_HOST`` set would. ``close()`` stops everything and asserts nothing
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from typing import Any
 
 from tests.lab.netns import LabHost, Underlay
 from tests.support.consul import ConsulAgent
-from tests.support.dockerd import DockerDaemon
+from tests.support.dockerd import CGROUP_ROOT, DockerDaemon, ping
 from tests.support.images import import_busybox
 from tests.support.ovs import OvsInstance
 
@@ -48,6 +49,7 @@ class Host:
                                          cgroup_parent=f"{lab.tag}-{self.name}")
         import_busybox(self.docker.url)
         self.serve: subprocess.Popen[bytes] | None = None
+        self._dockerd_args: list[str] = []  # dockerd's command line while it is down
 
     @property
     def env(self) -> dict[str, str]:
@@ -135,6 +137,81 @@ class Host:
         self.docker.stop()
         self.ovs.stop()
 
+    # -- faults: one host's daemons stopped, killed and started again ---------------------------
+
+    def stop_dockerd(self) -> None:
+        """Stop this host's dockerd as an operator would (SIGTERM); its data-root stays."""
+        self._dockerd_args = self._dockerd_command()
+        self.docker.process.send_signal(signal.SIGTERM)
+        self.docker.process.wait(30)
+
+    def kill_dockerd(self) -> None:
+        """SIGKILL dockerd, its containerd and shims and every container of this host."""
+        self._dockerd_args = self._dockerd_command()
+        session = self.docker.process.pid
+        cgroup = self.lab.tag + "-" + self.name
+        while victims := _session_members(session) | _cgroup_members(cgroup):
+            for pid in victims:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        self.docker.process.wait(30)
+
+    def _dockerd_command(self) -> list[str]:
+        # nsenter has exec'd dockerd: the process shows dockerd's own command line.
+        return ["nsenter", f"--net={self.netns.netns_path}", *_cmdline(self.docker.process.pid)]
+
+    def start_dockerd(self) -> None:
+        """Start dockerd again with the command line (and data-root) it had; wait for /_ping."""
+        log = self.docker.log_path.open("ab")
+        try:
+            self.docker.process = subprocess.Popen(
+                self._dockerd_args, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            log.close()
+        deadline = time.monotonic() + 60
+        while not ping(self.docker.socket, timeout=1.0):
+            if self.docker.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: dockerd did not come back:\n"
+                                     f"{self.docker.log_tail()}")
+            time.sleep(0.05)
+
+    def forget_mounts(self) -> None:
+        """What a reboot does to dockerd's mounts and runtime state: gone (after kill_dockerd)."""
+        roots = [self.docker.data_root, self.docker.exec_root, self.docker.run_dir]
+        for mount_point in _mounts_under(roots):
+            subprocess.run(["umount", "-l", mount_point], check=False,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shutil.rmtree(self.docker.exec_root, ignore_errors=True)
+        for stale in ("docker.sock", "dockerd.pid"):
+            (self.docker.run_dir / stale).unlink(missing_ok=True)
+
+    def power_cycle_kernel_state(self) -> None:
+        """What a reboot does to this host's kernel once its processes are dead (kill them
+        first): dockerd's mounts and runtime files, OVS's tap devices and the XDP program on
+        the underlay port are gone, and the boot network configuration puts the underlay
+        address back on eth0."""
+        self.forget_mounts()
+        for tap in ("br-phy", "powerplane0", "ovs-netdev"):
+            self.netns.run(["ip", "link", "del", tap], check=False)
+        for mode in ("xdpgeneric", "xdpdrv", "xdp"):
+            self.netns.run(["ip", "link", "set", "dev", "eth0", mode, "off"], check=False)
+        self.netns.run(["ip", "addr", "replace", f"{self.netns.ip}/24", "dev", "eth0"])
+        self.netns.run(["ip", "link", "set", "eth0", "up"])
+
+    def stray_veths(self) -> list[str]:
+        """Container port veths (``ovs…``) in this host's namespace that OVS does not hold."""
+        out = self.netns.run(["ip", "-o", "link", "show", "type", "veth"]).stdout
+        names = [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
+        held = set(self.ovs_ports())
+        return sorted(n for n in names if n.startswith("ovs") and n not in held)
+
+    def veths(self) -> list[str]:
+        out = self.netns.run(["ip", "-o", "link", "show", "type", "veth"]).stdout
+        names = [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
+        return sorted(n for n in names if n.startswith("ovs"))
+
 
 class E2ELab:
     """N complete hosts; a context manager that leaves nothing behind."""
@@ -194,6 +271,52 @@ class E2ELab:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close(check=exc_info[0] is None)
+
+
+def _cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").decode().split("\0")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _session_members(session: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session and _alive(int(entry.name)):
+            found.add(int(entry.name))
+    return found
+
+
+def _cgroup_members(name: str) -> set[int]:
+    found = set()
+    for root in (CGROUP_ROOT / name, *(h / name for h in CGROUP_ROOT.iterdir() if h.is_dir())):
+        if not root.is_dir():
+            continue
+        for procs in root.rglob("cgroup.procs"):
+            with contextlib.suppress(OSError, ValueError):
+                found.update(int(pid) for pid in procs.read_text().split())
+    return {pid for pid in found if _alive(pid)}
+
+
+def _mounts_under(roots: list[Path]) -> list[str]:
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        mount_point = line.split()[4].replace("\\040", " ")
+        if any(mount_point == str(r) or mount_point.startswith(f"{r}/") for r in roots):
+            found.append(mount_point)
+    return sorted(set(found), key=len, reverse=True)
 
 
 def addresses_of(output: str) -> Sequence[str]:

@@ -89,6 +89,10 @@ class OvsInstance:
         db = self.workdir / "conf.db"
         subprocess.run(["ovsdb-tool", "create", str(db), str(SCHEMA)], check=True,
                        capture_output=True, env=self.env)
+        self._start_daemons()
+
+    def _start_daemons(self) -> None:
+        db = self.workdir / "conf.db"
         self._spawn(["ovsdb-server", str(db), f"--remote=punix:{self.db_sock}",
                      f"--pidfile={self.workdir / 'ovsdb-server.pid'}",
                      f"--log-file={self.workdir / 'ovsdb-server.log'}", "--no-chdir"],
@@ -105,6 +109,29 @@ class OvsInstance:
         self._wait_for(lambda: (self.workdir / "ovs-vswitchd.pid").exists(), "ovs-vswitchd")
         self._wait_for(lambda: self.appctl("version", check=False).returncode == 0,
                        "ovs-vswitchd control socket")
+
+    def kill(self) -> None:
+        """SIGKILL both daemons (a crash): the database file and kernel devices stay."""
+        for process in reversed(self._processes):
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+        self._processes.clear()
+
+    def restart(self, *, fresh_database: bool = False) -> None:
+        """Start both daemons again (after ``kill``) on the database file they used before, or
+        on a new empty one (``fresh_database``: as after a reinstall)."""
+        if self._processes:
+            raise RuntimeError("OVS is still running; kill it first")
+        for stale in ("ovsdb-server.pid", "ovs-vswitchd.pid"):
+            (self.workdir / stale).unlink(missing_ok=True)
+        if fresh_database:
+            db = self.workdir / "conf.db"
+            db.unlink()
+            subprocess.run(["ovsdb-tool", "create", str(db), str(SCHEMA)], check=True,
+                           capture_output=True, env=self.env)
+        self._start_daemons()
 
     def _wait_for(self, ready: object, what: str, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
