@@ -7,6 +7,7 @@ OVS inside one lab namespace (the bridge's devices stay out of the host's own na
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import threading
 import time
@@ -86,10 +87,16 @@ def _wait_for(predicate: object, what: str, seconds: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def test_a_create_during_start_up_waits_for_the_data_plane(host: SingleHost) -> None:
-    """With OVS not up yet, serve says `starting`; a create waits instead of being refused, and
-    completes once OVS answers; then serve is `ready`, the host is registered, and the
-    container has its overlay address."""
+def test_a_create_during_start_up_waits_for_the_data_plane(
+    host: SingleHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With OVS not up yet, serve says `starting` (to systemd too); a create waits instead of
+    being refused, and completes once OVS answers; then serve is `ready` and tells systemd
+    READY=1, the host is registered, and the container has its overlay address."""
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    systemd.bind(str(tmp_path / "notify"))
+    systemd.settimeout(30)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
     serve = host.serve("early", "--dataplane-wait", "90")
     ovs: OvsInstance | None = None
     try:
@@ -108,6 +115,10 @@ def test_a_create_during_start_up_waits_for_the_data_plane(host: SingleHost) -> 
         create.join(timeout=120)
         assert outcome and outcome[0].returncode == 0, outcome
         _wait_for(lambda: (serve.status() or {}).get("state") == "ready", "serve ready")
+        told: list[bytes] = []
+        while b"READY=1" not in told:
+            told.append(systemd.recv(4096))
+        assert any(m.startswith(b"STATUS=waiting for dataplane") for m in told), told
         assert (serve.status() or {}).get("overlay_mtu") == 1450
         address = _docker(serve, "exec", "early-app", "ip", "-4", "addr", "show", "eth0")
         assert "inet 10.33.0.2/24" in address.stdout, address.stdout + address.stderr
@@ -122,6 +133,7 @@ def test_a_create_during_start_up_waits_for_the_data_plane(host: SingleHost) -> 
         assert _docker(serve, "rm", "-f", "early-app").returncode == 0
     finally:
         serve.stop()
+        systemd.close()
         if ovs is not None:
             ovs.stop()
 
