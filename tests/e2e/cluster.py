@@ -22,7 +22,7 @@ from typing import Any
 
 from tests.lab.netns import LabHost, Underlay
 from tests.support.consul import ConsulAgent
-from tests.support.dockerd import CGROUP_ROOT, DockerDaemon, ping
+from tests.support.dockerd import CGROUP_ROOT, DockerDaemon, ping, session_members
 from tests.support.images import import_busybox
 from tests.support.ovs import OvsInstance
 
@@ -150,7 +150,7 @@ class Host:
         self._dockerd_args = self._dockerd_command()
         session = self.docker.process.pid
         cgroup = self.lab.tag + "-" + self.name
-        while victims := _session_members(session) | _cgroup_members(cgroup):
+        while victims := session_members(session) | _cgroup_members(cgroup):
             for pid in victims:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -283,20 +283,6 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X")
-
-
-def _session_members(session: int) -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == session and _alive(int(entry.name)):
-            found.add(int(entry.name))
-    return found
 
 
 def _cgroup_members(name: str) -> set[int]:

@@ -47,6 +47,22 @@ def _process_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
+def session_members(session: int) -> set[int]:
+    """The live processes of the session ``session`` (its leader's pid)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # Fields after the command: state, ppid, pgrp, session.
+        if int(fields[3]) == session and _process_alive(int(entry.name)):
+            found.add(int(entry.name))
+    return found
+
+
 def ping(sock: Path, timeout: float = 2.0) -> bool:
     """True when a Docker daemon answers ``GET /_ping`` with OK on the unix socket ``sock``."""
     try:
@@ -233,18 +249,9 @@ class DockerDaemon:
 
     def _kill_leftover_session(self) -> None:
         """containerd shims outlive dockerd in its session; they must not outlive the test."""
-        session = self.process.pid
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            # Fields after the command: state, ppid, pgrp, session.
-            if int(fields[3]) == session and _process_alive(int(entry.name)):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(entry.name), signal.SIGKILL)
+        for pid in session_members(self.process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def __enter__(self) -> DockerDaemon:
         return self
