@@ -25,6 +25,7 @@ from adapter.settings import CONSUL_OPTIONS, SERVE_OPTIONS, Settings, load_setti
 from tests.fixtures.dockerd import StartProxy
 from tests.support.consul import free_port
 from tests.support.dockerd import DockerDaemon
+from tests.support.env_file import read_env_file
 
 ROOT = Path(__file__).resolve().parents[1]
 POWERPLANE = str(Path(sys.executable).with_name("powerplane"))
@@ -135,15 +136,6 @@ def deploy_configurations(tmp_path: Path) -> dict[str, Settings]:
     unit = (ROOT / "deploy" / "systemd" / "powerplane.service").read_text()
     assert re.search(r"^ExecStart=/usr/local/bin/powerplane serve$", unit, re.MULTILINE)
     return configurations
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    values: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            name, _, value = line.partition("=")
-            values[name.strip()] = value.strip()
-    return values
 
 
 def test_no_shipped_configuration_gives_nobody_the_docker_api(

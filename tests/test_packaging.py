@@ -17,6 +17,7 @@ import yaml
 
 from adapter.settings import CONSUL_OPTIONS, SERVE_OPTIONS, load_settings
 from tests.support.dockerd import DockerDaemon
+from tests.support.env_file import read_env_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_DIRS = ("deploy", "tests", ".ci", "vagrant")
@@ -144,15 +145,6 @@ def test_host_setup_rejects_bad_parameters(tmp_path: Path) -> None:
     assert "--index must be between 1 and 2" in result.stderr
 
 
-def env_file(path: Path) -> dict[str, str]:
-    values: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            name, _, value = line.partition("=")
-            values[name.strip()] = value.strip()
-    return values
-
-
 def test_env_files_name_real_options_with_valid_values(tmp_path: Path) -> None:
     """The example env file and host-setup's generated one use known variables that load."""
     known = {option.env for option in ALL_OPTIONS}
@@ -160,7 +152,7 @@ def test_env_files_name_real_options_with_valid_values(tmp_path: Path) -> None:
                     "10.9.0.1", "--config-only", str(tmp_path)], check=True,
                    capture_output=True, timeout=60)
     for path in (ROOT / "deploy" / "powerplane.env", tmp_path / "powerplane.env"):
-        environ = env_file(path)
+        environ = read_env_file(path)
         assert set(environ) <= known, f"{path}: unknown {set(environ) - known}"
         settings = load_settings(argparse.Namespace(), environ, ALL_OPTIONS)
         assert settings.underlay_ip == environ["POWERPLANE_UNDERLAY_IP"]
