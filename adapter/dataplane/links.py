@@ -235,22 +235,13 @@ async def link_exists(ifname: str, *, netns: str | None = None) -> bool:
 
 
 @_on_netlink_loop
-async def link_mtu(ifname: str, *, netns: str | None = None) -> int:
-    """The MTU of ``ifname``; DataPlaneError if there is no such interface."""
+async def link_mtu_and_mac(ifname: str, *, netns: str | None = None) -> tuple[int, str]:
+    """The MTU and MAC of ``ifname``, in one read; DataPlaneError if there is no such one."""
     async with _iproute(netns) as ipr:
         info = await _link_info(ipr, ifname)
     if info is None:
         raise DataPlaneError(f"no interface {ifname}")
-    return int(info["mtu"])
-
-
-@_on_netlink_loop
-async def link_mac(ifname: str, *, netns: str | None = None) -> str:
-    async with _iproute(netns) as ipr:
-        info = await _link_info(ipr, ifname)
-    if info is None:
-        raise DataPlaneError(f"no interface {ifname}")
-    return str(info["mac"])
+    return int(info["mtu"]), str(info["mac"])
 
 
 @_on_netlink_loop

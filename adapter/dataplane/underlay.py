@@ -36,7 +36,7 @@ async def underlay_link(settings: Settings) -> tuple[int, str]:
         name = found[0] if found else None
     if not name:
         return 1500, ""
-    return await links.link_mtu(name), await links.link_mac(name)
+    return await links.link_mtu_and_mac(name)
 
 
 async def underlay_in_place(settings: Settings) -> bool:
@@ -87,8 +87,7 @@ async def ensure_netdev_underlay(ovs: Ovs, settings: Settings,
                 raise DataPlaneError(f"{PHYSICAL_BRIDGE} holds {ports or 'no ports'}; name the "
                                      "underlay interface with --underlay-interface")
             interface = ports[0]
-    mac = await links.link_mac(interface)
-    mtu = await links.link_mtu(interface)
+    mtu, mac = await links.link_mtu_and_mac(interface)
     await ovs.ensure_bridge(PHYSICAL_BRIDGE, datapath="netdev", hwaddr=mac)
     await ovs.apply(PHYSICAL_BRIDGE, ensure=[OvsPort(
         interface, UNDERLAY_PORT_TYPE, None, False,
