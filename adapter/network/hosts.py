@@ -110,7 +110,9 @@ class Hosts:
                         log.warning("host %s: session expired; registering again",
                                     host.host_id)
                     holder[0] = await self._register(host, ttl)
-                    notify()
+                # After every success, not only after a new registration: a renewal that
+                # failed once (a leader election) marked us down while the session lived on.
+                notify()
                 interval = ttl / 3
             except StateError as exc:
                 log.warning("host %s: cannot renew registration: %s", host.host_id, exc)
