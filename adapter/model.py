@@ -166,6 +166,7 @@ class NetworkSpec:
     gateway: ipaddress.IPv4Address
     vni: int | None = None
     mtu: int | None = None
+    internal: bool = False  # no way out: the host never forwards its traffic off the overlay
 
     @classmethod
     def parse(
@@ -176,6 +177,7 @@ class NetworkSpec:
         gateway: str | None = None,
         vni: int | None = None,
         mtu: int | None = None,
+        internal: bool = False,
     ) -> NetworkSpec:
         """Validate what a user typed; InvalidNetwork names the first thing that is wrong."""
         validate_name(name)
@@ -185,7 +187,7 @@ class NetworkSpec:
             validate_vni(vni)
         if mtu is not None:
             validate_mtu(mtu)
-        return cls(name, subnet, gateway_ip, vni, mtu)
+        return cls(name, subnet, gateway_ip, vni, mtu, internal)
 
     @classmethod
     def for_subnet(cls, subnet: ipaddress.IPv4Network) -> NetworkSpec:
@@ -200,6 +202,7 @@ class NetworkSpec:
             gateway=str(self.gateway),
             vni=validate_vni(vni),
             mtu=self.mtu,
+            internal=self.internal,
             created=time.time() if created is None else created,
         )
 
@@ -217,6 +220,7 @@ class Network:
     gateway: str
     vni: int
     mtu: int | None = None
+    internal: bool = False
     created: float = field(default_factory=time.time)
     subnet: ipaddress.IPv4Network = field(init=False, repr=False, compare=False)
 
@@ -232,11 +236,12 @@ class Network:
         gateway: str | None = None,
         vni: int,
         mtu: int | None = None,
+        internal: bool = False,
         created: float | None = None,
     ) -> Network:
         """A validated network; the CIDR is normalised to its subnet (host bits dropped)."""
-        return NetworkSpec.parse(name, cidr, gateway=gateway, mtu=mtu).network(
-            vni, created=created)
+        return NetworkSpec.parse(name, cidr, gateway=gateway, mtu=mtu,
+                                 internal=internal).network(vni, created=created)
 
     @property
     def prefixlen(self) -> int:
@@ -295,6 +300,7 @@ class Network:
             "gateway": self.gateway,
             "vni": self.vni,
             "mtu": self.mtu,
+            "internal": self.internal,
             "created": self.created,
         }
 
@@ -323,6 +329,8 @@ class Network:
             gateway=gateway,
             vni=vni,
             mtu=mtu,
+            # Records written before networks could be internal have no such field.
+            internal=fields.get("internal") is True,
             created=_timestamp(fields),
         )
 

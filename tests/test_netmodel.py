@@ -81,8 +81,13 @@ def test_network_build_validates_and_round_trips() -> None:
         "10.6.0.0/16", "10.6.0.1", 65534, 65533)
     assert Network.from_json(network.to_json()) == network
     assert network.to_json() == {"name": "foo", "cidr": "10.6.0.0/16", "gateway": "10.6.0.1",
-                                 "vni": 300, "mtu": 1450, "created": 1.5}
+                                 "vni": 300, "mtu": 1450, "internal": False, "created": 1.5}
     assert Network.build("g", "10.1.0.0/24", gateway="10.1.0.254", vni=1).gateway == "10.1.0.254"
+    internal = Network.build("i", "10.7.0.0/24", vni=7, internal=True)
+    assert Network.from_json(internal.to_json()).internal is True
+    # A record from before networks could be internal has a way out.
+    legacy = {k: v for k, v in internal.to_json().items() if k != "internal"}
+    assert Network.from_json(legacy).internal is False
     for kwargs, message in [
         ({"gateway": "10.2.0.0"}, "host address inside"),
         ({"gateway": "10.3.0.1"}, "host address inside"),

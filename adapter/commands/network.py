@@ -26,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     create.add_argument("--gateway", metavar="IP", help="gateway address (default: first host)")
     create.add_argument("--vni", type=int, metavar="N", help="VXLAN id (default: next free)")
     create.add_argument("--mtu", type=int, metavar="N", help="overlay MTU (default: host's)")
+    create.add_argument("--internal", action="store_true",
+                        help="no way out: containers reach only their network and its gateway")
     create.set_defaults(handler=_create)
 
     listing = actions.add_parser("list", aliases=["ls"], help="list networks")
@@ -53,14 +55,15 @@ def _state(args: argparse.Namespace, environ: Mapping[str, str]) -> State:
 
 async def _create(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     spec = NetworkSpec.parse(args.name, args.cidr, gateway=args.gateway, vni=args.vni,
-                             mtu=args.mtu)
+                             mtu=args.mtu, internal=args.internal)
     state = _state(args, environ)
     try:
         network = await state.networks.create(spec)
     finally:
         await state.close()
     print(f"{network.name}: subnet {network.cidr}, gateway {network.gateway}, "
-          f"VNI {network.vni}" + (f", MTU {network.mtu}" if network.mtu else ""))
+          f"VNI {network.vni}" + (f", MTU {network.mtu}" if network.mtu else "")
+          + (", internal" if network.internal else ""))
     return 0
 
 
@@ -116,6 +119,7 @@ async def _info(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
           f"Gateway:   {network.gateway}\n"
           f"VNI:       {network.vni}\n"
           f"MTU:       {network.mtu or 'each host: its underlay MTU - 50'}\n"
+          f"Egress:    {'none (internal)' if network.internal else 'through each host (NAT)'}\n"
           f"Addresses: {len(addresses)} of {network.capacity} in use")
     if members:
         print()
