@@ -131,6 +131,16 @@ def mac_for_ip(ip: str) -> str:
     return "02:42:" + ":".join(f"{octet:02x}" for octet in packed)
 
 
+def gateway_mac(vni: int) -> str:
+    """The MAC of a network's gateway, the same on every host: 02:70:70 + the 24-bit VNI.
+
+    Containers keep the gateway's ARP entry when they are moved or a host's gateway port is
+    re-made, and no container MAC (02:42:...) can equal it.
+    """
+    return "02:70:70:" + ":".join(f"{(validate_vni(vni) >> shift) & 0xff:02x}"
+                                  for shift in (16, 8, 0))
+
+
 def _record(data: object) -> Mapping[str, Any]:
     """A stored record's fields; ValueError when it is not a JSON object at all."""
     if not isinstance(data, Mapping):

@@ -42,6 +42,7 @@ class Settings:
     tls_ca: Path | None = None
     group: str = "docker"
     insecure_tcp_gives_root: bool = False
+    cleanup: bool = False
     sandbox_image: str = "busybox:latest"
     mtu: int | None = None
     vni_min: int = 256
@@ -134,6 +135,9 @@ SERVE_OPTIONS: tuple[Option, ...] = (
            "host", metavar="GROUP"),
     Option("insecure_tcp_gives_root", "--insecure-tcp-gives-root", "allow a loopback TCP "
            "listener without TLS: every local user who connects is root on this host",
+           parse=_yes_no, switch=True),
+    Option("cleanup", "--cleanup", "on stop, take this host's gateway ports and nftables "
+           "rules away (running overlay containers lose their way out until serve is back)",
            parse=_yes_no, switch=True),
     Option("docker_url", "--docker", "upstream Docker daemon (default "
            "unix:///var/run/docker.sock)", metavar="URL"),

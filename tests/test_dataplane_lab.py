@@ -106,6 +106,47 @@ def test_df_ping_mtu_boundary(wired: dict[str, Any]) -> None:
     assert re.search(r"message too long", too_big.stdout + too_big.stderr, re.I), too_big
 
 
+def _fdb_ports(lab: Lab, index: int, mac: str) -> set[str]:
+    """The ports host ``index``'s bridge learned ``mac`` on, by name."""
+    names = {}
+    for line in lab.ovs[index].vsctl("--format=csv", "--no-headings", "--columns=name,ofport",
+                                     "list", "Interface").splitlines():
+        name, ofport = line.rsplit(",", 1)
+        names[ofport.strip()] = name.strip().strip('"')
+    fdb = lab.ovs[index].appctl("fdb/show", "powerplane0").stdout
+    return {names.get(line.split()[0], line.split()[0]) for line in fdb.splitlines()[1:]
+            if line.split()[2] == mac}
+
+
+def test_each_host_is_the_gateway_of_its_own_containers(lab4: Lab,
+                                                        wired: dict[str, Any]) -> None:
+    """Every container's gateway answers with the network's MAC; each host's bridge learned
+    that MAC on its own gateway port and never on a tunnel."""
+    for name, network in wired["networks"].items():
+        mac = "02:70:70:" + ":".join(f"{(network['vni'] >> s) & 0xff:02x}" for s in (16, 8, 0))
+        for index, (source, _) in enumerate(wired["containers"][name]):
+            result = _ping(source, network["gateway"])
+            assert result.returncode == 0, f"{source.name} -> gateway: {result.stdout}"
+            neigh = source.run(["ip", "neigh", "show", network["gateway"]]).stdout
+            assert mac in neigh, neigh
+            assert _fdb_ports(lab4, index, mac) == {f"gw-{name}"}, f"host {index + 1}"
+    gateways = lab4.dataplane(0, {"op": "gateways"})[0]
+    assert {g["network"] for g in gateways} == set(wired["networks"])
+    # The reconciler's repair changes nothing when nothing was lost.
+    assert lab4.dataplane(0, {"op": "set_gateways",
+                              "networks": list(wired["networks"].values())})[0] == []
+
+
+def test_gateway_address_lost_is_put_back(lab4: Lab, wired: dict[str, Any]) -> None:
+    host = lab4.hosts[1]
+    network = wired["networks"]["red"]
+    host.run(["ip", "addr", "flush", "dev", "gw-red"])
+    changed = lab4.dataplane(1, {"op": "set_gateways",
+                                 "networks": list(wired["networks"].values())})[0]
+    assert changed == ["gw-red"]
+    assert f"{network['gateway']}/24" in host.run(["ip", "-4", "addr", "show", "gw-red"]).stdout
+
+
 def _ovsdb_snapshot(lab: Lab, index: int) -> str:
     return lab.ovs[index].vsctl("--format=json", "--columns=_uuid,name,tag,external_ids,"
                                 "protected", "list", "Port")

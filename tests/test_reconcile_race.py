@@ -9,7 +9,7 @@ exists and before its id is returned.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from adapter.model import Endpoint, Network, NetworkSpec
@@ -85,6 +85,9 @@ class FakeDataPlane:
 
     async def remove_port_link(self, port: str) -> None:
         raise AssertionError(f"no veth is a stray here, yet {port} was removed")
+
+    async def set_gateways(self, networks: Iterable[Network]) -> list[str]:
+        return []  # gateways are the data plane's own business; not what these tests race
 
 
 class FakeState:

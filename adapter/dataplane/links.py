@@ -408,3 +408,58 @@ async def set_mtu(ifname: str, mtu: int, *, netns: str | None = None) -> None:
         if index is None:
             raise DataPlaneError(f"no interface {ifname}")
         await ipr.link("set", index=index, mtu=mtu, state="up")
+
+
+@_on_netlink_loop
+async def ensure_interface_address(ifname: str, address: str, *, wait: float) -> bool:
+    """Give ``ifname`` exactly the IPv4 ``address`` (IP/prefix) and bring it up.
+
+    The device is one that OVS makes (an internal port) a moment after its OVSDB row exists,
+    so it is waited for, up to ``wait`` seconds; DataPlaneError if it does not appear. Other
+    IPv4 addresses on it (a network re-created with another subnet) are removed. True when
+    anything changed.
+    """
+    ip, _, prefix = address.partition("/")
+    prefixlen = int(prefix)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    async with _iproute() as ipr:
+        while (index := await _index(ipr, ifname)) is None:
+            if loop.time() > deadline:
+                raise DataPlaneError(f"interface {ifname} did not appear within {wait:g} s")
+            await asyncio.sleep(0.02)
+        changed = False
+        present = False
+        async for addr in await ipr.addr("dump", family=socket.AF_INET, index=index):
+            held, held_prefix = addr.get("IFA_LOCAL") or addr.get("IFA_ADDRESS"), addr["prefixlen"]
+            if (held, int(held_prefix)) == (ip, prefixlen):
+                present = True
+                continue
+            await ipr.addr("del", index=index, address=held, prefixlen=int(held_prefix))
+            changed = True
+        info = await _link_info(ipr, ifname)
+        if info is not None and not info["up"]:
+            await ipr.link("set", index=index, state="up")
+            changed = True
+        if not present:
+            try:
+                await ipr.addr("add", index=index, address=ip, prefixlen=prefixlen)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise
+            changed = True
+    return changed
+
+
+@_on_netlink_loop
+async def interface_addresses(ifname: str) -> set[str] | None:
+    """The IPv4 addresses (IP/prefix) of ``ifname``; None if there is no such interface."""
+    async with _iproute() as ipr:
+        index = await _index(ipr, ifname)
+        if index is None:
+            return None
+        info = await _link_info(ipr, ifname)
+        if info is not None and not info["up"]:
+            return set()  # down: as good as unaddressed for whoever routes through it
+        return {f"{addr.get('IFA_LOCAL') or addr.get('IFA_ADDRESS')}/{addr['prefixlen']}"
+                async for addr in await ipr.addr("dump", family=socket.AF_INET, index=index)}

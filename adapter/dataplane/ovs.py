@@ -37,6 +37,8 @@ class OvsPort:
     external_ids: Mapping[str, str] = field(default_factory=dict)
     options: Mapping[str, str] = field(default_factory=dict)
     ofport: int | None = None
+    mac: str = ""  # internal ports only: the MAC OVS gives the device ("" = OVS chooses)
+    mtu_request: int | None = None
 
 
 def _scalar(value: Any) -> Any:
@@ -169,6 +171,8 @@ class Ovs:
                         ("type", port.type),
                         ("options", dict(port.options)),
                         ("external_ids", dict(port.external_ids)),
+                        ("mac", port.mac or []),
+                        ("mtu_request", port.mtu_request or []),
                     ))
 
         names = ", ".join([*(p.name for p in wanted), *unwanted])
@@ -201,6 +205,8 @@ class Ovs:
                         external_ids=dict(port.external_ids),
                         options=dict(iface.options),
                         ofport=_scalar(iface.ofport),
+                        mac=_scalar(iface.mac) or "",
+                        mtu_request=_scalar(iface.mtu_request),
                     ))
             return sorted(found, key=lambda p: p.name)
 

@@ -14,6 +14,16 @@ keyed with its VNI, and ``protected``. OVS's NORMAL action never forwards a fram
 protected port to another, so a frame that came in on a tunnel never leaves on another tunnel,
 and a full mesh of learning bridges cannot loop. See docs/dataplane.md for why this and not
 ``key=flow`` with explicit flows.
+
+Distributed gateway: on every host with container ports on a network, an internal port holds
+the network's gateway address with a MAC derived from the VNI, the same on every host. The
+gateway port is ``protected`` too, which keeps it and the tunnels apart by the same rule: a
+host's gateway never answers another host's containers, and its frames never cross a tunnel,
+so each host routes for its own containers and no host ever learns the gateway MAC on a tunnel.
+It exists while the network has container ports here: plugging the first makes it, unplugging
+the last removes it, in the same OVSDB transaction. What may cross a gateway is the host
+firewall's business (``adapter.dataplane.firewall``): its rules for a gateway are in place
+before the gateway gets its address, and are dropped after the port is gone.
 """
 
 from __future__ import annotations
@@ -24,11 +34,18 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from adapter.dataplane import links, underlay
+from adapter.dataplane import links, sysctl, underlay
+from adapter.dataplane.firewall import (
+    Firewall,
+    FloatingAddress,
+    GatewayRule,
+    PublishedPort,
+    Ruleset,
+)
 from adapter.dataplane.ovs import Ovs, OvsPort
 from adapter.dataplane.vswitchd import Vswitchd
 from adapter.errors import DataPlaneError
-from adapter.model import Host, Network, mac_for_ip
+from adapter.model import Host, Network, gateway_mac, mac_for_ip
 from adapter.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,6 +53,11 @@ log = logging.getLogger(__name__)
 KIND = "powerplane-kind"
 CONTAINER = "container"
 TUNNEL = "tunnel"
+GATEWAY = "gateway"
+GATEWAY_PREFIX = "gw-"
+# OVS makes an internal port's device a moment after the transaction; more than this means
+# vswitchd is stuck, and the plug fails naming it.
+GATEWAY_DEVICE_WAIT = 10.0
 VXLAN_OVERHEAD = 50
 DEFAULT_UNDERLAY_MTU = 1500
 MAX_TAG = 4094
@@ -49,6 +71,16 @@ def port_name(container_id: str) -> str:
     if len(short) < 12 or any(c not in "0123456789abcdef" for c in short[:12]):
         short = hashlib.sha256(container_id.encode()).hexdigest()
     return PORT_PREFIX + short[:12]
+
+
+def gateway_name(network: str) -> str:
+    """The gateway port of ``network``: ``gw-NAME``, or, past 15 characters, a head of the
+    name and a digest (``gw-net-10-3fa2c``)."""
+    name = GATEWAY_PREFIX + network
+    if len(name) < links.IFNAMSIZ:
+        return name
+    return (GATEWAY_PREFIX + network[:6] + "-"
+            + hashlib.sha256(network.encode()).hexdigest()[:5])
 
 
 def tunnel_name(remote_ip: str, vni: int) -> str:
@@ -81,6 +113,18 @@ class Tunnel:
 
 
 @dataclass(frozen=True, slots=True)
+class Gateway:
+    """A network's gateway port on this host, as the bridge records it."""
+
+    port: str
+    network: str
+    vni: int
+    address: str  # gateway/prefix, e.g. 10.0.6.1/24
+    subnet: str
+    internal: bool
+
+
+@dataclass(frozen=True, slots=True)
 class TunnelChange:
     added: tuple[Tunnel, ...]
     removed: tuple[Tunnel, ...]
@@ -98,6 +142,20 @@ def _plugged(port: OvsPort) -> PluggedPort | None:
         ip=ids.get("powerplane-ip", ""),
         mac=ids.get("powerplane-mac", ""),
         tag=port.tag,
+    )
+
+
+def _gateway(port: OvsPort) -> Gateway | None:
+    ids = port.external_ids
+    if ids.get(KIND) != GATEWAY:
+        return None
+    return Gateway(
+        port=port.name,
+        network=ids.get("powerplane-network", ""),
+        vni=int(ids.get("powerplane-vni", "0")),
+        address=ids.get("powerplane-address", ""),
+        subnet=ids.get("powerplane-subnet", ""),
+        internal=ids.get("powerplane-internal") == "true",
     )
 
 
@@ -129,6 +187,10 @@ class DataPlane:
         self._lock = asyncio.Lock()
         self._mtu: int | None = settings.mtu
         self._underlay: underlay.UnderlaySetup | None = None  # what start() found, if netdev
+        self.firewall = Firewall()
+        # What the network layer publishes on this host; gateways come from the bridge itself.
+        self._published: tuple[PublishedPort, ...] = ()
+        self._floating: tuple[FloatingAddress, ...] = ()
 
     async def start(self) -> None:
         """Connect to OVS; ensure the bridge (and, with netdev, the underlay bridge)."""
@@ -205,7 +267,8 @@ class DataPlane:
             tx_checksum_off=self.settings.datapath == "netdev",
         )
         async with self._lock:
-            tag = self._tag_for(network.vni, await self._ports())
+            ports = await self._ports()
+            tag = self._tag_for(network.vni, ports)
             external_ids = {
                 KIND: CONTAINER,
                 "powerplane-container": container_id,
@@ -214,15 +277,129 @@ class DataPlane:
                 "powerplane-ip": ip,
                 "powerplane-mac": mac,
             }
-            await self.ovs.apply(self.bridge, ensure=[OvsPort(port, "", tag, False, external_ids)])
+            wanted = [OvsPort(port, "", tag, False, external_ids)]
+            gateway = self._gateway_port(network, tag)
+            if not _same(next((p for p in ports if p.name == gateway.name), None), gateway):
+                wanted.append(gateway)
+                # The rules first: a gateway is never up without its network's isolation.
+                await self._apply_firewall([*(p for p in ports if p.name != gateway.name),
+                                            gateway])
+            await self.ovs.apply(self.bridge, ensure=wanted)
+        await self._gateway_up(gateway)
         return PluggedPort(container_id, port, network.name, network.vni, ip, mac, tag)
 
     async def unplug(self, container_id: str) -> None:
-        """Remove a container's OVS port and host-side veth; nothing if they are gone."""
+        """Remove a container's OVS port and host-side veth; nothing if they are gone.
+
+        The last container port of a network takes the network's gateway port with it.
+        """
         port = port_name(container_id)
         async with self._lock:
-            await self.ovs.delete_port(port)
+            ports = await self._ports()
+            mine = next((p for p in ports if p.name == port), None)
+            delete = [port]
+            if mine is not None and (vni := mine.external_ids.get("powerplane-vni")):
+                others = [p for p in ports if p.name != port and _plugged(p) is not None
+                          and p.external_ids.get("powerplane-vni") == vni]
+                if not others:
+                    delete += [p.name for p in ports if (g := _gateway(p)) is not None
+                               and str(g.vni) == vni]
+            await self.ovs.apply(self.bridge, delete=delete)
+            if len(delete) > 1:
+                await self._apply_firewall([p for p in ports if p.name not in delete])
         await links.delete_link(port)
+
+    # -- gateways ------------------------------------------------------------------------------
+
+    def _gateway_port(self, network: Network, tag: int) -> OvsPort:
+        return OvsPort(
+            gateway_name(network.name), "internal", tag, True,
+            {KIND: GATEWAY, "powerplane-network": network.name,
+             "powerplane-vni": str(network.vni), "powerplane-address": network.gateway_cidr,
+             "powerplane-subnet": network.cidr,
+             "powerplane-internal": "true" if network.internal else "false"},
+            mac=gateway_mac(network.vni), mtu_request=network.mtu or self.overlay_mtu(),
+        )
+
+    async def _gateway_up(self, port: OvsPort) -> bool:
+        """The kernel side of a gateway port: its address, link up; True if it changed."""
+        changed = await links.ensure_interface_address(
+            port.name, port.external_ids["powerplane-address"], wait=GATEWAY_DEVICE_WAIT)
+        if changed and self.settings.datapath == "netdev":
+            # The host's own packets to containers enter the userspace datapath here.
+            await links.set_tx_checksum(port.name, False)
+        if port.external_ids.get("powerplane-internal") != "true":
+            sysctl.ensure_ipv4_forwarding()
+        return changed
+
+    async def set_published(self, published: Iterable[PublishedPort],
+                            floating: Iterable[FloatingAddress] = ()) -> bool:
+        """Publish exactly these ports and floating addresses on this host; True if changed."""
+        async with self._lock:
+            self._published = tuple(sorted(set(published), key=_published_key))
+            self._floating = tuple(sorted(set(floating), key=lambda f: f.address))
+            return await self._apply_firewall(await self._ports())
+
+    async def remove_way_out(self) -> None:
+        """Gateway ports and firewall rules gone from this host (``serve --cleanup``)."""
+        async with self._lock:
+            if await self.ovs.bridge_exists(self.bridge):
+                await self.ovs.apply(self.bridge, delete=[
+                    p.name for p in await self._ports() if _gateway(p) is not None])
+            await self.firewall.remove()
+
+    async def _apply_firewall(self, ports: Iterable[OvsPort]) -> bool:
+        gateways = sorted({g for p in ports if (g := _gateway(p)) is not None},
+                          key=lambda g: g.port)
+        rules = tuple(GatewayRule(interface=g.port, subnet=g.subnet,
+                                  gateway=g.address.partition("/")[0], egress=not g.internal)
+                      for g in gateways)
+        return await self.firewall.apply(Ruleset(rules, self._published, self._floating))
+
+    async def gateways(self) -> list[Gateway]:
+        """Every gateway port the bridge holds."""
+        return [g for port in await self._ports() if (g := _gateway(port)) is not None]
+
+    async def set_gateways(self, networks: Iterable[Network]) -> list[str]:
+        """Gateway ports for exactly the networks with container ports here, each addressed.
+
+        ``networks`` are the networks as Consul knows them. The reconciler's repair: ``plug``
+        and ``unplug`` keep gateways in step as containers come and go; this puts back what OVS
+        or the kernel lost (a device re-made without its address after a vswitchd restart),
+        follows a network whose record changed, and removes gateways no container port needs.
+        Decided under the switch's lock from the ports as they are then, so a plug racing with
+        it never loses its gateway. Returns the gateway ports it changed, made or removed.
+        """
+        by_name = {n.name: n for n in networks}
+        async with self._lock:
+            ports = await self._ports()
+            current = {p.name: p for p in ports}
+            in_use = {(c.network, c.vni) for p in ports if (c := _plugged(p)) is not None}
+            wanted: dict[str, OvsPort] = {}
+            for name, vni in sorted(in_use):
+                network = by_name.get(name)
+                if network is None or network.vni != vni:
+                    # Not in the caller's listing (made since): keep what plug made, if any.
+                    kept = current.get(gateway_name(name))
+                    if kept is not None and _gateway(kept) is not None:
+                        wanted[kept.name] = kept
+                    continue
+                port = self._gateway_port(network, self._tag_for(vni, ports))
+                wanted[port.name] = port
+            to_ensure = [p for name, p in wanted.items() if not _same(current.get(name), p)]
+            to_delete = [p.name for p in ports if _gateway(p) is not None and p.name not in wanted]
+            # Rules for the gateways that stay or come before any is made; a gateway removed
+            # loses its rules only after its port is gone. Applying what the kernel already
+            # holds changes nothing, and puts back a table someone deleted.
+            await self._apply_firewall({**current, **{p.name: p for p in to_ensure}}.values())
+            await self.ovs.apply(self.bridge, ensure=to_ensure, delete=to_delete)
+            if to_delete:
+                await self._apply_firewall(wanted.values())
+            changed = {p.name for p in to_ensure} | set(to_delete)
+            for port in wanted.values():
+                if await self._gateway_up(port):
+                    changed.add(port.name)
+        return sorted(changed)
 
     async def plugged(self) -> list[PluggedPort]:
         """Every container port the bridge holds."""
@@ -309,9 +486,13 @@ class DataPlane:
         return count
 
 
+def _published_key(port: PublishedPort) -> tuple[str, str, int]:
+    return port.proto, port.host_ip, port.host_port
+
+
 def _same(current: OvsPort | None, wanted: OvsPort) -> bool:
     return current is not None and (
         current.type, current.tag, current.protected, dict(current.external_ids),
-        dict(current.options),
+        dict(current.options), current.mac, current.mtu_request,
     ) == (wanted.type, wanted.tag, wanted.protected, dict(wanted.external_ids),
-          dict(wanted.options))
+          dict(wanted.options), wanted.mac, wanted.mtu_request)

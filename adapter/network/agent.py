@@ -55,12 +55,13 @@ class ReconcileReport:
     replugged: list[str] = field(default_factory=list)
     removed_veths: list[str] = field(default_factory=list)
     restored_bridge: bool = False
+    gateways: list[str] = field(default_factory=list)
 
     def changed(self) -> bool:
         return self.restored_bridge or any((
             self.released_endpoints, self.removed_sandboxes, self.removed_ports,
             self.released_addresses, self.restored_endpoints, self.replugged,
-            self.removed_veths))
+            self.removed_veths, self.gateways))
 
 
 class HostAgent:
@@ -214,7 +215,10 @@ class HostAgent:
             await self._dataplane.remove_port_link(veth)
             report.removed_veths.append(veth)
 
-        for network in await self._state.networks.all():
+        networks = await self._state.networks.all()
+        # After the ports are settled: a gateway follows the container ports of its network.
+        report.gateways = await self._dataplane.set_gateways(networks)
+        for network in networks:
             for ip, record in (await self._state.addresses.of_network(network.name)).items():
                 if (record.host == self._host and record.container not in live
                         and not self._endpoints.is_pending(record.container, since=began)):

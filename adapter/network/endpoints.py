@@ -18,7 +18,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -80,6 +80,8 @@ class DataPlaneLike(Protocol):
     async def ensure(self) -> bool: ...
 
     async def remove_port_link(self, port: str) -> None: ...
+
+    async def set_gateways(self, networks: Iterable[Network]) -> list[str]: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,6 +66,8 @@ async def host_runtime(settings: Settings, readiness: Readiness) -> AsyncIterato
         stack.push_async_callback(docker.close)
         dataplane = DataPlane(settings)
         stack.push_async_callback(dataplane.close)
+        if settings.cleanup:
+            stack.push_async_callback(_clean_up, dataplane)
         endpoints = EndpointManager(settings, state=state, dataplane=dataplane, docker=docker,
                                     readiness=readiness)
         agent = HostAgent(settings, state=state, dataplane=dataplane, docker=docker,
@@ -128,6 +130,13 @@ async def _retry(start: Callable[[], Awaitable[None]], readiness: Readiness, par
             log.info("%s ready", part)
             return
 
+
+
+async def _clean_up(dataplane: DataPlane) -> None:
+    try:
+        await dataplane.remove_way_out()
+    except PowerplaneError as exc:
+        log.warning("--cleanup: %s", exc)
 
 
 def _report_death(task: asyncio.Task[None]) -> None:

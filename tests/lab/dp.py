@@ -1,7 +1,8 @@
 """Drive one lab host's data plane from inside its namespace: ``python -m tests.lab.dp OPS``.
 
 OPS is a JSON list of operations run in order; the output is a JSON list of their results.
-Operations: plug, unplug, plugged, tunnels, set_tunnels, create_network (Consul).
+Operations: plug, unplug, plugged, tunnels, set_tunnels, gateways, set_gateways,
+create_network (Consul).
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ async def run(ops: list[dict[str, Any]]) -> list[Any]:
                     [Host.from_json(h["host_id"], h) for h in op["hosts"]],
                     [Network.from_json(n) for n in op["networks"]])
                 results.append(dataclasses.asdict(change))
+            elif kind == "gateways":
+                results.append([dataclasses.asdict(g) for g in await dataplane.gateways()])
+            elif kind == "set_gateways":
+                results.append(await dataplane.set_gateways(
+                    [Network.from_json(n) for n in op["networks"]]))
             elif kind == "create_network":
                 network = await state.networks.create(
                     NetworkSpec.parse(op["name"], op["cidr"], vni=op.get("vni")))

@@ -166,6 +166,25 @@ class Underlay:
         self.extra.append(host)
         return host
 
+    def add_outside(self, octet: int = 250) -> LabHost:
+        """A machine on the underlay that is no Powerplane host (the world outside the overlay).
+
+        It has an address on the lab's isolated bridge and no route anywhere else; it knows
+        nothing of the overlay networks, so whatever reaches it from a container came through
+        a host's gateway and NAT.
+        """
+        host = LabHost(f"{self.prefix}-out", f"{self.subnet}.{octet}", -1)
+        self._add_netns(host)
+        self.extra.append(host)
+        port = "pout"
+        _ip("-n", self.underlay.name, "link", "add", port, "type", "veth", "peer", "name", "eth0",
+            "netns", host.name)
+        _ip("-n", self.underlay.name, "link", "set", port, "master", BRIDGE, "up")
+        self.underlay.run(["ethtool", "-K", port, "tx", "off"])
+        _ip("-n", host.name, "addr", "add", f"{host.ip}/24", "dev", "eth0")
+        _ip("-n", host.name, "link", "set", "eth0", "up")
+        return host
+
     def _build(self) -> None:
         ul = self.underlay.name
         self._add_netns(self.underlay)
