@@ -2,7 +2,7 @@
 
 OPS is a JSON list of operations run in order; the output is a JSON list of their results.
 Operations: plug, unplug, plugged, tunnels, set_tunnels, gateways, set_gateways,
-create_network (Consul).
+set_published, create_network (Consul).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Any
 
+from adapter.dataplane.firewall import PublishedPort
 from adapter.dataplane.switch import DataPlane
 from adapter.model import Host, Network, NetworkSpec
 from adapter.network.state import State
@@ -51,6 +52,9 @@ async def run(ops: list[dict[str, Any]]) -> list[Any]:
             elif kind == "set_gateways":
                 results.append(await dataplane.set_gateways(
                     [Network.from_json(n) for n in op["networks"]]))
+            elif kind == "set_published":
+                results.append(await dataplane.set_published(
+                    [PublishedPort(**p) for p in op["ports"]]))
             elif kind == "create_network":
                 network = await state.networks.create(
                     NetworkSpec.parse(op["name"], op["cidr"], vni=op.get("vni")))
