@@ -15,7 +15,9 @@ once, inside the wrapper module that owns that library; nothing else sees them.
     │   ├── InvalidNetwork          malformed name/CIDR/VNI/MTU                              400
     │   ├── NetworkNotFound                                                                  404
     │   ├── NetworkConflict         name, subnet or VNI already taken; network in use         409
-    │   └── PoolExhausted           no free address left in a network                        409
+    │   ├── PoolExhausted           no free address left in a network                        409
+    │   ├── FloatingIPNotFound      no such floating address, or no such container           404
+    │   └── FloatingIPConflict      address taken, attached elsewhere, or still attached     409
     ├── DataPlaneError              Open vSwitch or netlink refused a change                  500
     └── NotReady                    a part of this host (data plane, Consul) is still starting 503
 """
@@ -102,6 +104,18 @@ class NetworkConflict(StateError):
 
 class PoolExhausted(StateError):
     """Every usable address of a network is allocated."""
+
+    status = 409
+
+
+class FloatingIPNotFound(StateError):
+    """No such floating address, or no overlay container by that name to attach it to."""
+
+    status = 404
+
+
+class FloatingIPConflict(StateError):
+    """The floating address exists already, is attached elsewhere, or is still attached."""
 
     status = 409
 

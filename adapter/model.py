@@ -414,6 +414,49 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class FloatingIP:
+    """An outside address claimed in Consul (``floating/<ip>``), attached to one container or
+    to none. The host that runs the container answers for it on the underlay."""
+
+    ip: str
+    container: str = ""  # the app container's id; "" while detached
+    host: str = ""
+    network: str = ""
+    container_ip: str = ""
+    created: float = field(default_factory=time.time)
+
+    @property
+    def attached(self) -> bool:
+        return bool(self.container)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ip": self.ip, "container": self.container, "host": self.host,
+                "network": self.network, "container_ip": self.container_ip,
+                "created": self.created}
+
+    @classmethod
+    def from_json(cls, ip: str, data: object) -> FloatingIP:
+        """ValueError when the record is damaged; an attached one must name a valid address."""
+        fields = _record(data)
+        try:
+            address = str(ipaddress.IPv4Address(ip))
+        except ValueError:
+            raise ValueError(f"key {quoted(ip)} is not an IPv4 address") from None
+        record = cls(ip=address, container=_optional_text(fields, "container"),
+                     host=_optional_text(fields, "host"),
+                     network=_optional_text(fields, "network"),
+                     container_ip=_optional_text(fields, "container_ip"),
+                     created=_timestamp(fields))
+        if record.attached:
+            try:
+                ipaddress.IPv4Address(record.container_ip)
+            except ValueError:
+                raise ValueError(f"field 'container_ip' {quoted(record.container_ip)} is not "
+                                 "an IPv4 address") from None
+        return record
+
+
+@dataclass(frozen=True, slots=True)
 class Host:
     """A host running ``powerplane serve``; tunnels from other hosts end at ``underlay_ip``.
 

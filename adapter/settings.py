@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ class Settings:
     group: str = "docker"
     insecure_tcp_gives_root: bool = False
     cleanup: bool = False
+    floating_range: str | None = None
     sandbox_image: str = "busybox:latest"
     mtu: int | None = None
     vni_min: int = 256
@@ -115,6 +117,21 @@ def _consul_addr(value: str) -> str:
     return value.strip()
 
 
+def _floating_range(value: str) -> str:
+    try:
+        network = ipaddress.IPv4Network(value.strip(), strict=False)
+    except ValueError:
+        raise ValueError("must be an IPv4 CIDR such as 192.168.50.128/25") from None
+    if network.prefixlen > 30:
+        raise ValueError("must hold at least two usable addresses (/30 or larger)")
+    return str(network)
+
+
+FLOATING_RANGE = Option(
+    "floating_range", "--floating-range", "the block of outside (underlay) addresses "
+    "floating IPs come from, the same on every host of the cluster", parse=_floating_range,
+    metavar="CIDR")
+
 # Options shared by every command that talks to Consul.
 CONSUL_OPTIONS: tuple[Option, ...] = (
     Option("consul_addr", "--consul", "Consul HTTP address HOST:PORT (default 127.0.0.1:8500; "
@@ -175,6 +192,7 @@ SERVE_OPTIONS: tuple[Option, ...] = (
            "`powerplane status` (default /run/powerplane)", parse=_path, metavar="DIR"),
     Option("log_level", "--log-level", "debug, info, warning or error (default info)",
            metavar="LEVEL"),
+    FLOATING_RANGE,
 )
 
 

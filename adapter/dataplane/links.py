@@ -463,3 +463,38 @@ async def interface_addresses(ifname: str) -> set[str] | None:
             return set()  # down: as good as unaddressed for whoever routes through it
         return {f"{addr.get('IFA_LOCAL') or addr.get('IFA_ADDRESS')}/{addr['prefixlen']}"
                 async for addr in await ipr.addr("dump", family=socket.AF_INET, index=index)}
+
+
+@_on_netlink_loop
+async def set_host_addresses(ifname: str, wanted: set[str], *,
+                             within: str) -> tuple[list[str], list[str]]:
+    """Make the /32 addresses of ``ifname`` that lie inside ``within`` exactly ``wanted``.
+
+    Addresses outside ``within`` (the interface's own) are never touched. Returns the
+    addresses (added, removed).
+    """
+    pool = ipaddress.IPv4Network(within)
+    async with _iproute() as ipr:
+        index = await _index(ipr, ifname)
+        if index is None:
+            raise DataPlaneError(f"no interface {ifname}")
+        held = set()
+        async for addr in await ipr.addr("dump", family=socket.AF_INET, index=index):
+            ip = addr.get("IFA_LOCAL") or addr.get("IFA_ADDRESS")
+            if int(addr["prefixlen"]) == 32 and ipaddress.IPv4Address(ip) in pool:
+                held.add(str(ip))
+        added = sorted(wanted - held)
+        removed = sorted(held - wanted)
+        for ip in removed:
+            try:
+                await ipr.addr("del", index=index, address=ip, prefixlen=32)
+            except NetlinkError as exc:
+                if exc.code != errno.EADDRNOTAVAIL:
+                    raise
+        for ip in added:
+            try:
+                await ipr.addr("add", index=index, address=ip, prefixlen=32)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise
+    return added, removed

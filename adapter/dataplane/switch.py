@@ -34,7 +34,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from adapter.dataplane import links, sysctl, underlay
+from adapter.dataplane import arp, links, sysctl, underlay
 from adapter.dataplane.firewall import (
     Firewall,
     FloatingAddress,
@@ -332,13 +332,52 @@ class DataPlane:
             sysctl.ensure_ipv4_forwarding()
         return changed
 
-    async def set_published(self, published: Iterable[PublishedPort],
-                            floating: Iterable[FloatingAddress] = ()) -> bool:
-        """Publish exactly these ports and floating addresses on this host; True if changed."""
+    async def set_published(self, published: Iterable[PublishedPort]) -> bool:
+        """Publish exactly these ports on this host; True if the rules changed."""
         async with self._lock:
             self._published = tuple(sorted(set(published), key=_published_key))
-            self._floating = tuple(sorted(set(floating), key=lambda f: f.address))
             return await self._apply_firewall(await self._ports())
+
+    async def set_floating(self, floating: Iterable[FloatingAddress]) -> list[str]:
+        """Answer for exactly these floating addresses on the underlay; the ones newly taken.
+
+        Each address is added (/32) to the interface holding the underlay address, so the
+        kernel answers ARP for it, and is announced with a gratuitous ARP, so neighbours that
+        knew it at another host follow at once; the firewall rewrites it 1:1 to its container.
+        Addresses of ``--floating-range`` that are no longer ours are removed.
+        """
+        wanted = tuple(sorted(set(floating), key=lambda f: f.address))
+        async with self._lock:
+            self._floating = wanted
+            await self._apply_firewall(await self._ports())
+        if not self.settings.floating_range:
+            if wanted:
+                raise DataPlaneError("floating addresses are attached to containers on this "
+                                     "host but serve runs without --floating-range")
+            return []
+        interface = await self._underlay_interface()
+        if interface is None:
+            if wanted:
+                raise DataPlaneError("floating addresses need this host's underlay address "
+                                     "(--underlay-ip): none is set or no interface holds it")
+            return []
+        added, removed = await links.set_host_addresses(
+            interface, {f.address for f in wanted}, within=self.settings.floating_range)
+        for ip in removed:
+            log.info("floating address %s left this host", ip)
+        for ip in added:
+            log.info("floating address %s is now answered by this host (%s)", ip, interface)
+            if self.underlay_mac:
+                await arp.announce(interface, ip, self.underlay_mac)
+        return added
+
+    async def _underlay_interface(self) -> str | None:
+        if not self.settings.underlay_ip:
+            return None
+        if self._underlay is not None:
+            return underlay.PHYSICAL_BRIDGE
+        found = await links.interface_with_address(self.settings.underlay_ip)
+        return found[0] if found else None
 
     async def remove_way_out(self) -> None:
         """Gateway ports and firewall rules gone from this host (``serve --cleanup``)."""

@@ -8,7 +8,8 @@ One start sequence, whether or not other hosts exist:
                                                                       → readiness "consul"
     3. follow the host and network lists into VXLAN tunnels (only with an underlay IP: a host
        without one has no address for tunnels to end at), and run the host agent (Docker
-       events and periodic reconciliation)
+       events and periodic reconciliation), and answer for the floating addresses attached to
+       containers here
 
 Neither Consul nor OVS has to be up for the proxy to serve plain Docker traffic. A create that
 arrives while the data plane is coming up waits for it (``dataplane_wait``), then fails with
@@ -32,6 +33,7 @@ from adapter.model import Host
 from adapter.network.agent import HostAgent
 from adapter.network.docker_api import Docker
 from adapter.network.endpoints import EndpointManager
+from adapter.network.floating_host import FloatingFollower
 from adapter.network.readiness import CONSUL, DATAPLANE, Readiness
 from adapter.network.state import State
 from adapter.network.tunnels import TunnelReconciler
@@ -85,6 +87,9 @@ async def host_runtime(settings: Settings, readiness: Readiness) -> AsyncIterato
                                               settings.reconcile_interval),
                                   name="powerplane-host-registration")
                 tasks.create_task(agent.run(), name="powerplane-host-agent")
+                tasks.create_task(FloatingFollower(settings, state=state,
+                                                   dataplane=dataplane).run(),
+                                  name="powerplane-floating")
 
         task = asyncio.create_task(start_sequence(), name="powerplane-host-runtime")
         task.add_done_callback(_report_death)

@@ -4,6 +4,7 @@
     addresses   addresses/<network>/<ip>, ipam/<network>            (module addresses)
     endpoints   endpoints/<container-id>                            (module endpoint_records)
     hosts       hosts/<host-id>, held by TTL sessions               (module hosts)
+    floating    floating/<ip>                                       (module floating)
 
 All of them talk to Consul through one ``ConsulKV`` (the only module importing ``consul``).
 Constructing ``State`` touches nothing; the connection opens on first use.
@@ -14,13 +15,14 @@ from __future__ import annotations
 from adapter.network.addresses import Addresses
 from adapter.network.consul_kv import ConsulKV
 from adapter.network.endpoint_records import EndpointRecords
+from adapter.network.floating import FloatingIPs
 from adapter.network.hosts import Hosts
 from adapter.network.networks import VERSION_KEY, Networks
 from adapter.settings import Settings
 
 
 class State:
-    """Networks, addresses, endpoints and hosts, as every host sees them."""
+    """Networks, addresses, endpoints, hosts and floating addresses, as every host sees them."""
 
     def __init__(self, settings: Settings) -> None:
         self.kv = ConsulKV(settings)
@@ -28,6 +30,7 @@ class State:
         self.networks = Networks(self.kv, settings, self.endpoints)
         self.addresses = Addresses(self.kv)
         self.hosts = Hosts(self.kv, settings)
+        self.floating = FloatingIPs(self.kv)
 
     @property
     def address(self) -> str:
