@@ -90,6 +90,11 @@ class FakeDataPlane:
         return []  # gateways are the data plane's own business; not what these tests race
 
 
+class NoFloating:
+    async def all(self) -> list[Any]:
+        return []
+
+
 class FakeState:
     """The parts of State the endpoint manager and the agent use, in memory."""
 
@@ -97,6 +102,7 @@ class FakeState:
         self.addresses = self
         self.endpoints = self
         self.networks = self
+        self.floating = NoFloating()
         self.held: dict[str, str] = {}
 
     async def get(self, name: str) -> Network:

@@ -56,12 +56,13 @@ class ReconcileReport:
     removed_veths: list[str] = field(default_factory=list)
     restored_bridge: bool = False
     gateways: list[str] = field(default_factory=list)
+    detached_floating: list[str] = field(default_factory=list)
 
     def changed(self) -> bool:
         return self.restored_bridge or any((
             self.released_endpoints, self.removed_sandboxes, self.removed_ports,
             self.released_addresses, self.restored_endpoints, self.replugged,
-            self.removed_veths, self.gateways))
+            self.removed_veths, self.gateways, self.detached_floating))
 
 
 class HostAgent:
@@ -127,6 +128,7 @@ class HostAgent:
         try:
             if action == "destroy" and LABEL_SANDBOX in labels:
                 await self._endpoints.detach_app(container_id)
+                self._wake.set()  # what else it held (a floating address) is let go now
             elif action == "destroy" and labels.get(LABEL_ROLE) == SANDBOX_ROLE:
                 self._wake.set()
             elif (action == "start" and labels.get(LABEL_ROLE) == SANDBOX_ROLE
@@ -165,6 +167,12 @@ class HostAgent:
             if app_id not in apps:
                 await self._endpoints.detach(endpoint)
                 report.released_endpoints.append(app_id[:12])
+
+        for record in await self._state.floating.all():
+            # A floating address outlives its container only as a claim, detached.
+            if record.attached and record.host == self._host and record.container not in apps:
+                await self._state.floating.detach(record.ip, container=record.container)
+                report.detached_floating.append(record.ip)
 
         for app_id, app in apps.items():
             labels = app.get("Labels") or {}

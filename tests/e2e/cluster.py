@@ -30,6 +30,8 @@ REPO = Path(__file__).resolve().parents[2]
 POWERPLANE = str(Path(os.environ.get("POWERPLANE_VENV", "/opt/powerplane")) / "bin" / "powerplane")
 DOCKER = shutil.which("docker") or "/usr/local/bin/docker"
 RECONCILE_INTERVAL = 3.0
+# Outside addresses of the lab's underlay (192.168.50.0/24) that floating IPs come from.
+FLOATING_RANGE = "192.168.50.128/26"
 
 
 class Host:
@@ -66,6 +68,7 @@ class Host:
             "POWERPLANE_RECONCILE_INTERVAL": str(RECONCILE_INTERVAL),
             "POWERPLANE_LOG_LEVEL": "info",
             "POWERPLANE_RUN_DIR": str(self.dir / "run"),
+            "POWERPLANE_FLOATING_RANGE": FLOATING_RANGE,
         }
 
     def start_serve(self) -> None:

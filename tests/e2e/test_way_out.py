@@ -167,6 +167,81 @@ def test_internal_network_has_no_way_out(lab: WayOutLab) -> None:
     a.powerplane("network", "rm", "sealed")
 
 
+def httpd(text: str) -> tuple[str, ...]:
+    return ("sh", "-c", f"mkdir -p /www && echo {text} > /www/index.html "
+            "&& exec httpd -f -p 80 -h /www")
+
+
+def outside_fetch(lab: WayOutLab, ip: str) -> str:
+    return lab.outside.run(["curl", "-s", "-m", "2", f"http://{ip}/"], check=False).stdout.strip()
+
+
+def floating_on(host: Host) -> list[str]:
+    out = host.netns.run(["ip", "-4", "-o", "addr", "show"]).stdout
+    return [word.split("/")[0] for word in out.split() if word.startswith("192.168.50.")
+            and word.endswith("/32")]
+
+
+def test_floating_address_follows_its_container_across_hosts(lab: WayOutLab) -> None:
+    a, c = lab.hosts[0], lab.hosts[2]
+    fip = "192.168.50.130"
+    cidr = "10.14.6.0/24"
+    c.powerplane("ip", "create", fip)
+    run_app(c, "fip-c", "-e", f"SOCKETPLANE_CIDR={cidr}", command=httpd("on-c"))
+    c.powerplane("ip", "attach", fip, "fip-c")
+    wait_for("the outside reaches fip-c at the floating address",
+             lambda: outside_fetch(lab, fip) == "on-c")
+    assert floating_on(c) == [fip] and floating_on(a) == []
+    # Its own outbound connections leave with the floating address.
+    assert fetch(c, "fip-c", f"http://{lab.outside.ip}:{OUTSIDE_PORT}/") == f"from {fip}"
+
+    run_app(a, "fip-a", "-e", f"SOCKETPLANE_CIDR={cidr}", command=httpd("on-a"))
+    c.powerplane("ip", "detach", fip)
+    a.powerplane("ip", "attach", fip, "fip-a")
+    started = time.monotonic()
+    wait_for("the outside reaches fip-a after the move",
+             lambda: outside_fetch(lab, fip) == "on-a")
+    print(f"floating address moved across hosts in {time.monotonic() - started:.2f} s")
+    wait_for("the old host let the address go", lambda: floating_on(c) == [])
+    assert fetch(a, "fip-a", f"http://{lab.outside.ip}:{OUTSIDE_PORT}/") == f"from {fip}"
+    # fip-c, no longer attached, leaves through its host's address again.
+    assert fetch(c, "fip-c", f"http://{lab.outside.ip}:{OUTSIDE_PORT}/") == f"from {c.netns.ip}"
+
+    listing = json.loads(a.powerplane("ip", "ls", "--json").stdout)
+    assert [(r["ip"], r["host"]) for r in listing] == [(fip, a.name)]
+    # Removing the container detaches the address and takes it off the host.
+    remove(a, "fip-a")
+    wait_for("the address detached with its container", lambda: not json.loads(
+        a.powerplane("ip", "ls", "--json").stdout)[0]["container"])
+    wait_for("the address gone from the host", lambda: floating_on(a) == [])
+    a.powerplane("ip", "rm", fip)
+    remove(c, "fip-c")
+
+
+def test_floating_address_bad_input_is_refused(lab: WayOutLab) -> None:
+    a = lab.hosts[0]
+    outside_pool = a.powerplane("ip", "create", "192.168.50.20", check=False)
+    assert outside_pool.returncode == 1
+    assert "outside the floating range 192.168.50.128/26" in outside_pool.stderr
+    a.powerplane("ip", "create", "192.168.50.140")
+    again = a.powerplane("ip", "create", "192.168.50.140", check=False)
+    assert again.returncode == 1 and "already exists" in again.stderr
+    unknown = a.powerplane("ip", "attach", "192.168.50.140", "no-such-container", check=False)
+    assert unknown.returncode == 1 and "no overlay container" in unknown.stderr
+    run_app(a, "fip-one", "-e", "SOCKETPLANE_CIDR=10.14.7.0/24")
+    run_app(a, "fip-two", "-e", "SOCKETPLANE_CIDR=10.14.7.0/24")
+    a.powerplane("ip", "attach", "192.168.50.140", "fip-one")
+    taken = a.powerplane("ip", "attach", "192.168.50.140", "fip-two", check=False)
+    assert taken.returncode == 1 and "is attached to container" in taken.stderr
+    still = a.powerplane("ip", "rm", "192.168.50.140", check=False)
+    assert still.returncode == 1 and "detach it first" in still.stderr
+    remove(a, "fip-one", "fip-two")
+    wait_for("the address detached", lambda: not json.loads(
+        a.powerplane("ip", "ls", "--json").stdout)[0]["container"])
+    a.powerplane("ip", "rm", "192.168.50.140")
+    assert json.loads(a.powerplane("ip", "ls", "--json").stdout) == []
+
+
 def test_nothing_of_the_way_out_is_left_behind(lab: WayOutLab) -> None:
     """After every container is gone: no gateway port and no Powerplane nftables table."""
     for host in lab.hosts:
@@ -176,3 +251,4 @@ def test_nothing_of_the_way_out_is_left_behind(lab: WayOutLab) -> None:
         wait_for(f"{host.name}: no gateway port", lambda h=host: not gateway_ports(h))
         wait_for(f"{host.name}: no powerplane table",
                  lambda h=host: "powerplane" not in nft_tables(h))
+        assert floating_on(host) == [], f"{host.name} still answers a floating address"
