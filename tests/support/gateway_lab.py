@@ -23,7 +23,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -48,7 +47,8 @@ class EchoServer:
     """One echo server in a namespace, with the log of whom it heard."""
 
     def __init__(self, command: Sequence[str]) -> None:
-        self._lines: list[str] = []
+        self._ready = threading.Event()
+        self._seen: dict[str, str] = {}  # token → the source address it arrived from
         self._changed = threading.Condition()
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE,
                                         stderr=subprocess.DEVNULL, text=True)
@@ -58,31 +58,23 @@ class EchoServer:
     def _read(self) -> None:
         assert self.process.stdout is not None
         for line in self.process.stdout:
+            if line.strip() == "ready":
+                self._ready.set()
+                continue
+            peer, _, token = line.strip().partition(" ")
             with self._changed:
-                self._lines.append(line.strip())
+                self._seen.setdefault(token, peer)
                 self._changed.notify_all()
 
-    def _wait(self, found: str, timeout: float) -> str | None:
-        """The first log line for which ``found`` is the token (or the line itself)."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for line in self._lines:
-                    peer, _, token = line.partition(" ")
-                    if found in (token, line):
-                        return peer if token else line
-                left = deadline - time.monotonic()
-                if left <= 0 or self.process.poll() is not None:
-                    return None
-                self._changed.wait(left)
-
     def wait_ready(self) -> None:
-        if self._wait("ready", READY_WAIT) is None:
+        if not self._ready.wait(READY_WAIT):
             raise RuntimeError(f"echo server never got ready: {self.process.args}")
 
     def saw(self, token: str, timeout: float = 0.0) -> str | None:
         """The source address ``token`` arrived from, waiting up to ``timeout``; None if not."""
-        return self._wait(token, timeout)
+        with self._changed:
+            self._changed.wait_for(lambda: token in self._seen, timeout)
+            return self._seen.get(token)
 
     def stop(self) -> None:
         self.process.kill()
