@@ -25,8 +25,10 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 venv=${POWERPLANE_VENV:-/opt/powerplane}
 export DEBIAN_FRONTEND=noninteractive
 
-packages=(docker.io openvswitch-switch busybox-static iproute2 nftables ethtool iputils-ping
-          iperf3 curl socat python3-venv python3-pip psmisc procps)
+# python3-nftables is the libnftables binding the host firewall uses (adapter/dataplane/nft.py);
+# it is not on PyPI, so this list, not pyproject.toml, is where that dependency is recorded.
+packages=(docker.io openvswitch-switch busybox-static iproute2 nftables python3-nftables ethtool
+          iputils-ping iperf3 curl socat python3-venv python3-pip psmisc procps)
 # The test extra adds: shellcheck, vagrant and systemd-analyze to check deploy/ and vagrant/; debootstrap builds the
 # local base image the container-image test needs (no registry is reachable in CI).
 if [ "$want_test" = 1 ]; then packages+=(shellcheck debootstrap vagrant systemd tcpdump); fi
@@ -77,6 +79,16 @@ if [ "$want_test" = 1 ]; then
 else
   "$venv/bin/pip" install -q -e "$here"
 fi
+# The venv may be made by a Python that is not Debian's, so it does not see
+# /usr/lib/python3/dist-packages. Only the nftables package is linked in: a .pth file naming
+# that directory, or include-system-site-packages, would also put every other Debian Python
+# package on the path, shadowing or mixing with the versions pip installed. The link names the
+# package's fixed Debian path, so a package upgrade needs nothing from us; it is remade on every
+# run because the site-packages path changes with the venv's Python version.
+site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+ln -sfn /usr/lib/python3/dist-packages/nftables "$site/nftables"
+"$venv/bin/python" -c 'import nftables' || {
+  echo "install.sh: python3-nftables is installed but $venv cannot import it" >&2; exit 1; }
 ln -sf "$venv/bin/powerplane" /usr/local/bin/powerplane
 
 say "done"

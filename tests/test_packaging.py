@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -277,6 +278,21 @@ def test_no_hard_coded_debian_archive() -> None:
                  ROOT / "tests" / "support" / "baseimage.py"]:
         assert not re.search(r"https?://[\w.-]*debian\.org", path.read_text()), path
 
+
+
+def test_venv_sees_debians_nftables_and_no_other_system_package() -> None:
+    """install.sh links python3-nftables' package (not on PyPI) into the venv and nothing else:
+    Debian's other Python packages, PyYAML among them, stay out of the venv's path."""
+    code = ("import os, sys, nftables, yaml; print(os.path.realpath(nftables.__file__)); "
+            "print(os.path.realpath(yaml.__file__)); print(sys.path)")
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    nft_file, yaml_file, path = shown.stdout.splitlines()
+    assert nft_file == "/usr/lib/python3/dist-packages/nftables/__init__.py"
+    assert yaml_file.startswith(os.path.realpath(sys.prefix))
+    assert "/usr/lib/python3/dist-packages" not in path
+    assert "python3-nftables" in (ROOT / "deploy" / "install.sh").read_text()
 
 FAKE_APT_GET = """#!/bin/sh
 cat "$POLICY_UNDER_TEST" > "$SEEN"
