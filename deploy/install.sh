@@ -80,7 +80,8 @@ else
   "$venv/bin/pip" install -q -e "$here"
 fi
 # The venv may be made by a Python that is not Debian's, so it does not see
-# /usr/lib/python3/dist-packages. Only the nftables package is linked in: a .pth file naming
+# /usr/lib/python3/dist-packages; the binding is pure Python over ctypes, so any Python 3 can
+# use it. Only the nftables package is linked in: a .pth file naming
 # that directory, or include-system-site-packages, would also put every other Debian Python
 # package on the path, shadowing or mixing with the versions pip installed. The link names the
 # package's fixed Debian path, so a package upgrade needs nothing from us; it is remade on every

@@ -9,6 +9,7 @@ log the source each packet arrived from, so checks assert addresses and absences
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -227,3 +228,30 @@ def test_apply_changes_only_what_differs_and_repairs_hand_edits(lab: GatewayLab)
     assert not has_table(lab)
     remove(lab)
     assert not has_table(lab)
+
+
+DOOMED_BATCH = """
+import asyncio
+from adapter.dataplane.nft import Nft
+from adapter.errors import DataPlaneError
+
+scratch, ours = ({"family": "inet", "name": name} for name in ("pptscratch", "powerplane"))
+doomed = [{"add": {"table": scratch}}, {"delete": {"table": ours}},
+          {"add": {"chain": {"family": "inet", "table": "nosuch", "name": "c"}}}]
+try:
+    asyncio.run(Nft().transaction(doomed, "a doomed batch"))
+except DataPlaneError as exc:
+    print(exc)
+"""
+
+
+def test_a_refused_batch_changes_nothing(lab: GatewayLab) -> None:
+    """A batch is one transaction: when its last command is refused, the table it created and
+    the one it deleted are as before. The refusal is a DataPlaneError naming what failed."""
+    apply(lab)
+    refused = lab.run("host", [sys.executable, "-c", DOOMED_BATCH]).stdout
+    assert refused.startswith("nftables refused a doomed batch: "), refused
+    assert "pptscratch" not in lab.nft("list", "tables")
+    assert has_table(lab) and apply(lab) is False
+    with pytest.raises(AssertionError, match=r"refused replacing table inet x+: .*256"):
+        lab.firewall("apply", "x" * 300, ruleset_json(RULESET))
