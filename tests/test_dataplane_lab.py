@@ -128,7 +128,7 @@ def test_each_host_is_the_gateway_of_its_own_containers(lab4: Lab,
             result = _ping(source, network["gateway"])
             assert result.returncode == 0, f"{source.name} -> gateway: {result.stdout}"
             neigh = source.run(["ip", "neigh", "show", network["gateway"]]).stdout
-            assert mac in neigh, neigh
+            assert mac in neigh, f"{source.name}: {neigh}"
             assert _fdb_ports(lab4, index, mac) == {f"gw-{name}"}, f"host {index + 1}"
     gateways = lab4.dataplane(0, {"op": "gateways"})[0]
     assert {g["network"] for g in gateways} == set(wired["networks"])

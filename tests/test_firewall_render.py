@@ -8,6 +8,7 @@ refusals of a ruleset the kernel would reject or misread.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -188,3 +189,18 @@ def test_a_ruleset_the_kernel_would_refuse_or_misread_is_refused(
     """Refused before anything reaches the kernel, naming the offending entry."""
     with pytest.raises(DataPlaneError, match=message):
         render("powerplane", ruleset)
+
+
+def test_every_overlay_and_the_container_ports_are_never_a_way_out() -> None:
+    """Subnets of networks with no gateway here are dropped like the gateways' own, and the
+    container ports' wildcard guards the host stack; both only with a gateway to protect."""
+
+    gateway = GatewayRule("gw-red", "10.71.0.0/24", "10.71.0.1", True)
+    rendered = render("t", Ruleset((gateway,), overlays=("10.72.0.0/24", "10.71.0.0/24"),
+                                   container_ports="ovs*"))
+    assert rendered is not None
+    text = json.dumps(rendered.commands)
+    assert rendered.summary.elements["subnets"] == 2
+    assert '"right": "ovs*"' in text and "container ports belong to the switch" in text
+    assert "not even to a network with no gateway on this host" in text
+    assert render("t", Ruleset(overlays=("10.72.0.0/24",), container_ports="ovs*")) is None

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ipaddress
+import itertools
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -76,6 +77,11 @@ class Ruleset:
     gateways: tuple[GatewayRule, ...] = ()
     published: tuple[PublishedPort, ...] = ()
     floating: tuple[FloatingAddress, ...] = ()
+    # Every overlay subnet of the cluster, with a gateway here or not: never a way out.
+    overlays: tuple[str, ...] = ()
+    # The name of this host's container ports, as an nft wildcard ("ovs*"): frames a container
+    # sends there are the switch's, never the host stack's.
+    container_ports: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,18 +233,28 @@ def _publish_rule(port: PublishedPort) -> Rule:
             f"published {port.proto} {port.host_ip or '*'}:{port.host_port}")
 
 
-def _rules(published: list[PublishedPort]) -> list[Rule]:
+def _rules(published: list[PublishedPort], container_ports: str) -> list[Rule]:
     """Every rule, in order; only the published ports' DNAT rules vary with the ruleset."""
     sources_of_iif = {"concat": [_meta("iifname"), _field("ip", "saddr")]}
     daddr_of_iif = {"concat": [_meta("iifname"), _field("ip", "daddr")]}
     loopback = _prefix(ipaddress.IPv4Network("127.0.0.0/8"))
+    # The userspace datapath leaves the kernel a copy of every frame a container sends on its
+    # port; one addressed to the broadcast MAC would reach a local address (another network's
+    # gateway) past every gateway rule below.
+    quiet_ports: list[Rule] = [
+        ("guard", [_match(_meta("iifname"), container_ports), DROP],
+         "container ports belong to the switch, not to this host"),
+    ] if container_ports else []
     return [
+        *quiet_ports,
         ("guard", [IIF_GATEWAY, _match(sources_of_iif, "@sources", "!="), DROP],
          "source outside the gateway's own subnet: forged"),
         ("input", [IIF_GATEWAY, _match(_field("ip", "daddr"), "@subnets"),
                    _match(daddr_of_iif, "@sources", "!="), DROP],
          "to another overlay network's gateway"),
         ("forward", [IIF_GATEWAY, OIF_GATEWAY, DROP], "overlay networks never route to each other"),
+        ("forward", [IIF_GATEWAY, _match(_field("ip", "daddr"), "@subnets"), DROP],
+         "not even to a network with no gateway on this host"),
         ("forward", [_match(_meta("iifname"), "@egress_gateways"),
                      _match(_meta("nfproto"), "ipv4"), ACCEPT], "egress"),
         ("forward", [IIF_GATEWAY, DROP], "internal networks and IPv6: no way out"),
@@ -264,8 +280,25 @@ def _rules(published: list[PublishedPort]) -> list[Rule]:
     ]
 
 
+def _overlays(gateways: list[tuple[GatewayRule, ipaddress.IPv4Network]],
+              overlays: Iterable[str]) -> list[ipaddress.IPv4Network]:
+    """Every overlay subnet: the gateways' and the cluster's, each once."""
+    found = {subnet for _, subnet in gateways}
+    for value in overlays:
+        try:
+            found.add(ipaddress.IPv4Network(value))
+        except ValueError:
+            raise DataPlaneError(f"firewall: overlay {value!r} is not an IPv4 network") from None
+    ordered = sorted(found)
+    for first, second in itertools.pairwise(ordered):
+        if first.overlaps(second):
+            raise DataPlaneError(f"firewall: overlay subnets {first} and {second} overlap")
+    return ordered
+
+
 def _sets(gateways: list[tuple[GatewayRule, ipaddress.IPv4Network]],
-          floating: list[FloatingAddress]) -> dict[str, dict[str, Any]]:
+          floating: list[FloatingAddress],
+          overlays: list[ipaddress.IPv4Network]) -> dict[str, dict[str, Any]]:
     """Named sets and maps: name → the JSON API's set or map object, elements included."""
     egress = [(rule, subnet) for rule, subnet in gateways if rule.egress]
     interval = {"flags": ["interval"]}
@@ -273,7 +306,7 @@ def _sets(gateways: list[tuple[GatewayRule, ipaddress.IPv4Network]],
         "gateways": {"type": "ifname", "elem": [rule.interface for rule, _ in gateways]},
         "egress_gateways": {"type": "ifname", "elem": [rule.interface for rule, _ in egress]},
         "subnets": {"type": "ipv4_addr", **interval,
-                    "elem": [_prefix(subnet) for _, subnet in gateways]},
+                    "elem": [_prefix(subnet) for subnet in overlays]},
         "egress_subnets": {"type": "ipv4_addr", **interval,
                            "elem": [_prefix(subnet) for _, subnet in egress]},
         "sources": {"type": ["ifname", "ipv4_addr"], **interval,
@@ -293,10 +326,11 @@ def render(table: str, ruleset: Ruleset) -> Rendered | None:
         return None
     gateways = _gateways(ruleset.gateways)
     floating = _floating(ruleset.floating)
+    overlays = _overlays(gateways, ruleset.overlays)
     where = {"family": FAMILY, "table": table}
     body: list[Command] = []
     elements: dict[str, int] = {}
-    for name, spec in _sets(gateways, floating).items():
+    for name, spec in _sets(gateways, floating, overlays).items():
         kind = "map" if "map" in spec else "set"
         if not spec["elem"]:
             spec = {key: value for key, value in spec.items() if key != "elem"}
@@ -311,7 +345,7 @@ def render(table: str, ruleset: Ruleset) -> Rendered | None:
         body.append({"add": {"chain": {**where, "name": name}}})
         chains[name] = ()
     counts = dict.fromkeys(chains, 0)
-    for chain, expr, comment in _rules(_published(ruleset.published)):
+    for chain, expr, comment in _rules(_published(ruleset.published), ruleset.container_ports):
         body.append({"add": {"rule": {**where, "chain": chain, "expr": expr,
                                       "comment": comment}}})
         counts[chain] += 1

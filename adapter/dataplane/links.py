@@ -411,8 +411,9 @@ async def set_mtu(ifname: str, mtu: int, *, netns: str | None = None) -> None:
 
 
 @_on_netlink_loop
-async def ensure_interface_address(ifname: str, address: str, *, wait: float) -> bool:
-    """Give ``ifname`` exactly the IPv4 ``address`` (IP/prefix) and bring it up.
+async def ensure_interface_address(ifname: str, address: str, *, wait: float,
+                                   mac: str | None = None) -> bool:
+    """Give ``ifname`` exactly the IPv4 ``address`` (IP/prefix) (and ``mac``), bring it up.
 
     The device is one that OVS makes (an internal port) a moment after its OVSDB row exists,
     so it is waited for, up to ``wait`` seconds; DataPlaneError if it does not appear. Other
@@ -438,6 +439,9 @@ async def ensure_interface_address(ifname: str, address: str, *, wait: float) ->
             await ipr.addr("del", index=index, address=held, prefixlen=int(held_prefix))
             changed = True
         info = await _link_info(ipr, ifname)
+        if mac is not None and info is not None and str(info["mac"]).lower() != mac.lower():
+            await ipr.link("set", index=index, address=mac)
+            changed = True
         if info is not None and not info["up"]:
             await ipr.link("set", index=index, state="up")
             changed = True

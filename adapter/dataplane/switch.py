@@ -191,6 +191,7 @@ class DataPlane:
         # What the network layer publishes on this host; gateways come from the bridge itself.
         self._published: tuple[PublishedPort, ...] = ()
         self._floating: tuple[FloatingAddress, ...] = ()
+        self._overlays: tuple[str, ...] = ()  # every network's subnet, as last listed
 
     async def start(self) -> None:
         """Connect to OVS; ensure the bridge (and, with netdev, the underlay bridge)."""
@@ -266,6 +267,7 @@ class DataPlane:
                                 network.gateway),
             tx_checksum_off=self.settings.datapath == "netdev",
         )
+        sysctl.silence_port(port)
         async with self._lock:
             ports = await self._ports()
             tag = self._tag_for(network.vni, ports)
@@ -323,8 +325,11 @@ class DataPlane:
 
     async def _gateway_up(self, port: OvsPort) -> bool:
         """The kernel side of a gateway port: its address, link up; True if it changed."""
+        # The MAC goes in OVSDB (the kernel datapath's internal ports take it from there) and
+        # on the device itself (the userspace datapath's taps do not).
         changed = await links.ensure_interface_address(
-            port.name, port.external_ids["powerplane-address"], wait=GATEWAY_DEVICE_WAIT)
+            port.name, port.external_ids["powerplane-address"], wait=GATEWAY_DEVICE_WAIT,
+            mac=port.mac)
         if changed and self.settings.datapath == "netdev":
             # The host's own packets to containers enter the userspace datapath here.
             await links.set_tx_checksum(port.name, False)
@@ -393,7 +398,9 @@ class DataPlane:
         rules = tuple(GatewayRule(interface=g.port, subnet=g.subnet,
                                   gateway=g.address.partition("/")[0], egress=not g.internal)
                       for g in gateways)
-        return await self.firewall.apply(Ruleset(rules, self._published, self._floating))
+        return await self.firewall.apply(Ruleset(
+            rules, self._published, self._floating, self._overlays,
+            container_ports=PORT_PREFIX + "*"))
 
     async def gateways(self) -> list[Gateway]:
         """Every gateway port the bridge holds."""
@@ -411,6 +418,7 @@ class DataPlane:
         """
         by_name = {n.name: n for n in networks}
         async with self._lock:
+            self._overlays = tuple(sorted(n.cidr for n in by_name.values()))
             ports = await self._ports()
             current = {p.name: p for p in ports}
             in_use = {(c.network, c.vni) for p in ports if (c := _plugged(p)) is not None}

@@ -32,3 +32,24 @@ def ensure_ipv4_forwarding(path: Path = IP_FORWARD) -> bool:
                              f"{exc.strerror or exc}") from exc
     log.info("enabled IPv4 forwarding (%s), as the gateways route for their networks", path)
     return True
+
+
+def silence_port(ifname: str, root: Path = Path("/proc/sys/net")) -> None:
+    """Keep this host's own stack off a container port's host-side veth.
+
+    With the userspace datapath the kernel sees every frame a container sends on that veth,
+    next to OVS. Once the host holds gateway addresses it would answer ARP for them there,
+    with the veth's MAC, racing the real gateway (and winning: its reply skips the switch).
+    ``arp_ignore=8`` answers no ARP on it and IPv6 off stops neighbour discovery and the
+    link-local address; IP that still reaches the stack there is dropped by the firewall.
+    """
+    settings = ((root / "ipv4" / "conf" / ifname / "arp_ignore", "8"),
+                (root / "ipv6" / "conf" / ifname / "disable_ipv6", "1"))
+    for path, value in settings:
+        try:
+            if path.read_text().strip() != value:
+                path.write_text(value + "\n")
+        except FileNotFoundError:
+            continue  # IPv6 disabled on this host: nothing to silence
+        except OSError as exc:
+            raise DataPlaneError(f"cannot set {path}: {exc.strerror or exc}") from exc

@@ -168,11 +168,12 @@ class HostAgent:
                 await self._endpoints.detach(endpoint)
                 report.released_endpoints.append(app_id[:12])
 
-        for record in await self._state.floating.all():
+        for floating in await self._state.floating.all():
             # A floating address outlives its container only as a claim, detached.
-            if record.attached and record.host == self._host and record.container not in apps:
-                await self._state.floating.detach(record.ip, container=record.container)
-                report.detached_floating.append(record.ip)
+            if (floating.attached and floating.host == self._host
+                    and floating.container not in apps):
+                await self._state.floating.detach(floating.ip, container=floating.container)
+                report.detached_floating.append(floating.ip)
 
         for app_id, app in apps.items():
             labels = app.get("Labels") or {}
