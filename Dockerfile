@@ -42,10 +42,19 @@ LABEL org.opencontainers.image.title="powerplane" \
       org.opencontainers.image.licenses="Apache-2.0"
 
 COPY build/wheels/ /tmp/wheels/
-RUN python3 -m venv /opt/powerplane \
+COPY build/debs/ /tmp/debs/
+# libnftables and its libraries as packages; the Python binding only unpacked, since it names
+# Debian's python3 as a dependency and this venv's Python is the base image's. It is pure
+# Python over ctypes, linked into the venv alone, exactly as deploy/install.sh does on a host.
+RUN dpkg -i $(ls /tmp/debs/*.deb | grep -v python3-nftables) \
+ && dpkg-deb -x /tmp/debs/python3-nftables_*.deb / \
+ && python3 -m venv /opt/powerplane \
  && /opt/powerplane/bin/pip install --no-index --no-cache-dir --disable-pip-version-check \
         --find-links /tmp/wheels powerplane \
- && rm -rf /tmp/wheels \
+ && ln -s /usr/lib/python3/dist-packages/nftables \
+        "$(/opt/powerplane/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nftables" \
+ && rm -rf /tmp/wheels /tmp/debs \
+ && /opt/powerplane/bin/python -c 'import nftables; nftables.Nftables()' \
  && /opt/powerplane/bin/powerplane --version
 
 COPY deploy/adapters.yml /etc/powerplane/adapters.yml

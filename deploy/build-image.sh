@@ -30,6 +30,9 @@ while [ $# -gt 0 ]; do
 done
 
 say() { printf '==> %s\n' "$*"; }
+# libnftables1 and what it needs beyond a slim Debian base (libc6 and libtinfo6 are there).
+NFTABLES_DEBS="python3-nftables libnftables1 libnftnl11 libjansson4 libmnl0 libxtables12 \
+libedit2 libbsd0 libmd0 libgmp10"
 python=${POWERPLANE_VENV:-/opt/powerplane}/bin/python
 [ -x "$python" ] || python=python3
 
@@ -48,6 +51,15 @@ if [ "$context" != "$here" ]; then
   cp "$here/deploy/adapters.yml" "$context/deploy/adapters.yml"
   cp "$here/.dockerignore" "$context/.dockerignore"
 fi
+
+# The host firewall's binding (python3-nftables) and the C library under it come from Debian,
+# not PyPI: fetched here through this host's apt sources, installed in the image from files.
+# The base is Debian bookworm like this host, so the same versions fit.
+say "Debian packages for the host firewall (apt-get download)"
+rm -rf "$context/build/debs"
+mkdir -p "$context/build/debs"
+(cd "$context/build/debs" && apt-get download -q $NFTABLES_DEBS >/dev/null 2>&1) || {
+  echo "build-image.sh: could not download $NFTABLES_DEBS with apt-get" >&2; exit 1; }
 
 build_args=()
 if [ -n "$base" ]; then build_args+=(--build-arg "BASE=$base"); fi

@@ -28,6 +28,14 @@ def test_image_runs_powerplane(image_daemon: DockerDaemon, powerplane_image: str
     assert version.stdout.strip() == f"powerplane {__version__}"
 
 
+def test_image_has_the_host_firewall(image_daemon: DockerDaemon, powerplane_image: str) -> None:
+    """The nftables binding imports in the image's venv and finds libnftables (ctypes)."""
+    probe = docker(image_daemon, "run", "--rm", "--network", "none", "--entrypoint",
+                   "/opt/powerplane/bin/python", powerplane_image, "-c",
+                   "import nftables; nftables.Nftables(); print(nftables.__file__)")
+    assert probe.stdout.strip().endswith("nftables/__init__.py")
+
+
 def test_image_defaults(image_daemon: DockerDaemon, powerplane_image: str) -> None:
     """Running the image with no arguments means `powerplane serve` with the example adapters."""
     config = json.loads(docker(image_daemon, "image", "inspect", powerplane_image).stdout)[0][
