@@ -34,6 +34,7 @@ LABEL_PORT = LABEL_PREFIX + "port"
 LABEL_HOST = LABEL_PREFIX + "host"
 LABEL_APP_NAME = LABEL_PREFIX + "app-name"
 LABEL_CREATION = LABEL_PREFIX + "creation"  # on sandboxes: a token naming the create in flight
+LABEL_PORTS = LABEL_PREFIX + "ports"  # on apps: -p/-P/--expose, as adapter.network.ports says
 SANDBOX_ROLE = "sandbox"
 
 # Network modes that mean "Docker's default"; anything else is the user's explicit choice.
