@@ -4,9 +4,11 @@ The network hook (driven by Docker API calls) and the host agent (driven by Dock
 periodic reconciliation) both change endpoints only through ``EndpointManager``, so the order of
 steps and their undo live in one place:
 
-    attach:   network → sandbox container (created) → address (CAS claim, owner = sandbox id)
-              → sandbox started → veth plugged into its namespace        (undone on any failure)
-    commit:   app container id known → endpoint record ``endpoints/<app id>``
+    attach:   host ports (claimed in this process) → network → sandbox container (created)
+              → address (CAS claim, owner = sandbox id) → sandbox started → veth plugged into
+              its namespace                                             (undone on any failure)
+    commit:   app container id known → endpoint record ``endpoints/<app id>``; its ports are
+              on its label now, where every later check finds them
     detach:   unplug → remove sandbox → release address (only if still ours) → drop record
 
 Every step is idempotent, so a detach after a crash at any point converges.
@@ -19,7 +21,7 @@ import logging
 import secrets
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from adapter.dataplane.switch import port_name
@@ -35,6 +37,7 @@ from adapter.network.create_rewrite import (
     LABEL_MAC,
     LABEL_NETWORK,
     LABEL_PORT,
+    LABEL_PORTS,
     LABEL_ROLE,
     LABEL_SANDBOX,
     SANDBOX_ROLE,
@@ -43,6 +46,8 @@ from adapter.network.create_rewrite import (
 )
 from adapter.network.docker_api import Docker
 from adapter.network.locks import KeyedLocks
+from adapter.network.port_claims import Claim, PortClaims
+from adapter.network.ports import PublishedPorts
 from adapter.network.readiness import DATAPLANE, Readiness
 from adapter.network.state import State
 from adapter.settings import Settings
@@ -91,6 +96,7 @@ class Attachment:
     mac: str
     port: str
     sandbox_id: str
+    ports: PublishedPorts = field(default_factory=PublishedPorts)
 
     def app_labels(self, host_id: str) -> dict[str, str]:
         return {
@@ -102,6 +108,9 @@ class Attachment:
             LABEL_MAC: self.mac,
             LABEL_PORT: self.port,
             LABEL_HOST: host_id,
+            # Set even when empty: an image committed from an overlay app carries its ports
+            # label, which would otherwise publish that app's ports again.
+            LABEL_PORTS: self.ports.encode() if self.ports else "",
         }
 
 
@@ -126,6 +135,9 @@ class EndpointManager:
         # the namespace (sandbox pid) each sandbox was last plugged into, and each app's sandbox.
         self._plugged_pid: dict[str, int] = {}
         self._sandbox_of_app: dict[str, str] = {}
+        self._ports = PortClaims(docker, settings.host_id)
+        # The host ports of each sandbox whose app does not exist yet.
+        self._port_claims: dict[str, Claim] = {}
 
     @property
     def host_id(self) -> str:
@@ -174,28 +186,26 @@ class EndpointManager:
         return await self._state.networks.for_subnet(request.subnet)
 
     async def attach(self, request: CreateRequest) -> Attachment:
-        """Find (or create) the network, then make a started, plugged sandbox with an address
-        on it; undo everything if any step fails."""
+        """Claim the host ports, find (or create) the network, then make a started, plugged
+        sandbox with an address on it; undo everything if any step fails."""
         # Before anything is written: a create refused for a data plane that never came up
         # leaves not even the network it named.
         if self._readiness is not None:
             await self._readiness.wait_for(DATAPLANE, self._settings.dataplane_wait)
-        network = await self.resolve_network(request.overlay)
-        labels = {
-            LABEL_ROLE: SANDBOX_ROLE,
-            LABEL_NETWORK: network.name,
-            LABEL_HOST: self.host_id,
-        }
-        if request.app_name:
-            labels[LABEL_APP_NAME] = request.app_name
-        token = labels[LABEL_CREATION] = secrets.token_hex(8)
-        spec = request.sandbox(image=self._settings.sandbox_image, labels=labels)
-        self._creating.add(token)
+        # Ports before the network, for the same reason: a taken port leaves nothing behind.
+        claim = await self._ports.claim(request.ports, image=request.image,
+                                        endpoint=(request.app_name or "").lstrip("/") or None)
         try:
-            sandbox_id = await self._docker.create_sandbox(spec)
-            self._pending[sandbox_id] = time.monotonic() + PENDING_GRACE_SECONDS
-        finally:
-            self._creating.discard(token)
+            network = await self.resolve_network(request.overlay)
+            if network.internal and request.ports.publishes:
+                raise BadRequest(
+                    f"network {network.name} is internal: containers on an internal network "
+                    "have no published ports (-p/-P); reach them from the network itself")
+            sandbox_id = await self._create_sandbox(request, network)
+        except BaseException:
+            self._ports.release(claim)
+            raise
+        self._port_claims[sandbox_id] = claim
         ip: str | None = None
         try:
             ip = await self._state.addresses.allocate(network, container=sandbox_id,
@@ -215,11 +225,32 @@ class EndpointManager:
             raise
         log.info("sandbox %s on %s holds %s", sandbox_id[:12], network.name, ip)
         return Attachment(network=network, ip=ip, mac=port.mac, port=port.port,
-                          sandbox_id=sandbox_id)
+                          sandbox_id=sandbox_id, ports=claim.ports)
+
+    async def _create_sandbox(self, request: CreateRequest, network: Network) -> str:
+        labels = {
+            LABEL_ROLE: SANDBOX_ROLE,
+            LABEL_NETWORK: network.name,
+            LABEL_HOST: self.host_id,
+        }
+        if request.app_name:
+            labels[LABEL_APP_NAME] = request.app_name
+        token = labels[LABEL_CREATION] = secrets.token_hex(8)
+        spec = request.sandbox(image=self._settings.sandbox_image, labels=labels)
+        self._creating.add(token)
+        try:
+            sandbox_id = await self._docker.create_sandbox(spec)
+            self._pending[sandbox_id] = time.monotonic() + PENDING_GRACE_SECONDS
+        finally:
+            self._creating.discard(token)
+        return sandbox_id
 
     async def commit(self, *, app_id: str, network: str, ip: str, mac: str, port: str,
                      sandbox_id: str) -> None:
         """The app container exists: record the endpoint under its id."""
+        claim = self._port_claims.pop(sandbox_id, None)
+        if claim is not None:
+            self._ports.settle(claim)
         await self._state.endpoints.put(Endpoint(
             container_id=app_id, network=network, ip=ip, mac=mac, host=self.host_id,
             port=port, sandbox=sandbox_id))
@@ -246,6 +277,9 @@ class EndpointManager:
             self._pending.pop(sandbox_id, None)
 
     async def _remove_sandbox(self, sandbox_id: str, network: str, ip: str | None) -> None:
+        claim = self._port_claims.pop(sandbox_id, None)
+        if claim is not None:
+            self._ports.release(claim)
         async with self._locks.hold(sandbox_id):
             self._plugged_pid.pop(sandbox_id, None)
             self._committed_at.pop(sandbox_id, None)
