@@ -107,6 +107,7 @@ async def test_a_port_published_by_another_app_of_this_host_is_refused() -> None
 
 
 async def test_two_addresses_of_one_port_may_both_be_published() -> None:
+    """127.0.0.1:8080 and 192.168.50.11:8080 are two addresses: both may be published."""
     docker = FakeDocker()
     docker.apps = [app("a", published(PortBinding("tcp", "127.0.0.1", 8080, 80)))]
     claim = await claims(docker).claim(
@@ -116,6 +117,7 @@ async def test_two_addresses_of_one_port_may_both_be_published() -> None:
 
 
 async def test_one_create_asking_twice_for_a_port_is_refused() -> None:
+    """-p 8080:80 -p 8080:81 in one create is refused as Docker refuses it."""
     with pytest.raises(PortConflict, match=r"Bind for 0\.0\.0\.0:8080 failed"):
         await claims(FakeDocker()).claim(
             request({"80/tcp": [{"HostPort": "8080"}], "81/tcp": [{"HostPort": "8080"}]}),
@@ -136,6 +138,7 @@ async def test_concurrent_creates_for_one_port_one_wins() -> None:
 
 
 async def test_a_failed_create_gives_its_ports_back() -> None:
+    """A released claim holds nothing: the same port can be claimed again at once."""
     ports = claims(FakeDocker())
     wanted = request({"80/tcp": [{"HostPort": "8080"}]})
     claim = await ports.claim(wanted, image=None, endpoint=None)
@@ -191,6 +194,7 @@ async def test_free_ports_are_handed_out_in_turn_around_taken_ones() -> None:
 
 
 async def test_a_host_range_takes_its_first_free_port_or_is_refused() -> None:
+    """-p 8000-8001:80 takes the first port of the range nobody holds; none left is a 409."""
     docker = FakeDocker()
     docker.apps = [app("a", published(PortBinding("tcp", "", 8000, 80)))]
     ports = claims(docker)
@@ -203,6 +207,7 @@ async def test_a_host_range_takes_its_first_free_port_or_is_refused() -> None:
 
 
 async def test_publish_all_takes_the_images_exposed_ports() -> None:
+    """-P publishes the request's exposed ports and the image's, each on a free port."""
     docker = FakeDocker()
     docker.images["nginx"] = {"ExposedPorts": {"80/tcp": {}}}
     claim = await claims(docker).claim(request(None, {"9000/udp": {}}, True), image="nginx",
@@ -213,6 +218,7 @@ async def test_publish_all_takes_the_images_exposed_ports() -> None:
 
 
 async def test_exposing_alone_asks_docker_nothing() -> None:
+    """--expose without -p/-P publishes nothing, so no listing is needed."""
     docker = FakeDocker()
     claim = await claims(docker).claim(request(None, {"80/tcp": {}}), image=None, endpoint=None)
     assert claim.ports == PublishedPorts((), frozenset({(80, "tcp")}))
@@ -240,6 +246,7 @@ async def test_a_port_a_process_listens_on_is_refused_in_dockers_words(
 
 
 def test_the_probe_sees_udp_and_leaves_nothing_bound() -> None:
+    """A bound UDP port fails the probe; a free one passes, and the probe keeps nothing bound."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as held:
         held.bind(("127.0.0.1", 0))
         port = held.getsockname()[1]
@@ -269,6 +276,7 @@ async def test_an_address_not_of_this_host_is_a_400_at_once() -> None:
 
 
 def test_the_ephemeral_range_is_the_kernels_or_dockers_default(tmp_path: Path) -> None:
+    """The kernel's range when it reads as one; Docker's default otherwise."""
     (tmp_path / "range").write_text("32768\t60999\n")
     assert ephemeral_range(tmp_path / "range") == (32768, 60999)
     (tmp_path / "range").write_text("0 70000\n")
@@ -280,6 +288,8 @@ def test_the_ephemeral_range_is_the_kernels_or_dockers_default(tmp_path: Path) -
 
 
 def test_published_ports_flattens_this_hosts_apps() -> None:
+    """One forward per published port of this host's apps; other hosts' apps, exposed-only
+    and empty labels give none."""
     apps = [
         app("a", PublishedPorts(
             (PortBinding("tcp", "", 18100, 80), PortBinding("tcp", "", 18101, 81),

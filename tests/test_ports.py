@@ -123,6 +123,7 @@ def test_api_forms_the_cli_never_sends() -> None:
 ])
 def test_bad_ports_are_a_400_naming_the_problem(sent: dict[str, Any],
                                                 needles: tuple[str, ...]) -> None:
+    """Each wrong value the API can carry: a 400 whose message names the field and the fault."""
     with pytest.raises(BadRequest) as refused:
         PortRequest.parse(sent)
     assert refused.value.status == 400
@@ -174,6 +175,7 @@ EXPOSED = st.tuples(st.integers(1, 65535), st.sampled_from(["tcp", "udp"]))
        exposed=st.frozensets(EXPOSED, max_size=30))
 def test_the_label_reads_back_what_was_written(bindings: list[PortBinding],
                                                exposed: frozenset[tuple[int, str]]) -> None:
+    """Any bindings and exposed ports survive encode and decode unchanged."""
     ports = PublishedPorts(tuple(bindings), exposed)
     assert PublishedPorts.decode(ports.encode()) == ports
 
@@ -245,6 +247,7 @@ def test_list_view() -> None:
 
 
 def test_an_image_config_gives_its_exposed_ports_and_skips_what_cannot_be_published() -> None:
+    """-P publishes what an image exposes; sctp or garbage in its config is left out."""
     assert image_exposed_ports({"ExposedPorts": {"80/tcp": {}, "53/sctp": {}, "x": {},
                                                  "53/udp": {}}}) == {(80, "tcp"), (53, "udp")}
     assert image_exposed_ports(None) == frozenset()

@@ -187,6 +187,7 @@ def test_ranges_udp_and_an_address(host: Host, containers: list[str]) -> None:
 
 
 def test_exposed_only_is_listed_without_a_host_port(host: Host, containers: list[str]) -> None:
+    """--expose 8000 alone: no mapping for `docker port`, `8000/tcp` in `docker ps`."""
     containers.append("exposed")
     host.run("--name", "exposed", "--expose", "8000", *OVERLAY, *SLEEP)
     assert host.docker("port", "exposed").stdout == ""
