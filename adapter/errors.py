@@ -8,7 +8,8 @@ once, inside the wrapper module that owns that library; nothing else sees them.
     ├── UpstreamError               dockerd unreachable or misbehaving                      502
     ├── HookError                   an adapter failed, timed out or answered nonsense        502
     ├── BadRequest                  the client's request cannot be handled                   400
-    │   └── RequestTooLarge         a body that must be buffered exceeds the cap             413
+    │   ├── RequestTooLarge         a body that must be buffered exceeds the cap             413
+    │   └── PortConflict            a host port to publish is taken: published or bound      409
     ├── StateError                  network state in Consul
     │   ├── ConsulUnavailable       Consul does not answer                                   503
     │   ├── ConsulAccessDenied      ACL token missing or lacking rights                      403
@@ -64,6 +65,13 @@ class RequestTooLarge(BadRequest):
     """A body the proxy must buffer (hooked JSON) is larger than it accepts."""
 
     status = 413
+
+
+class PortConflict(BadRequest):
+    """A host port a create would publish is taken: by another container, a create in flight
+    or a process of this host."""
+
+    status = 409
 
 
 class StateError(PowerplaneError):

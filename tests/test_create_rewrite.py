@@ -15,6 +15,7 @@ from adapter.network.create_rewrite import (
     rewrite_create,
     sandbox_spec,
 )
+from adapter.network.ports import RequestedBinding
 
 CLI_BODY = {
     "Image": "busybox",
@@ -31,6 +32,8 @@ CLI_BODY = {
         "ExtraHosts": ["db:10.0.6.9"],
         "RestartPolicy": {"Name": "always"},
         "Binds": ["/tmp:/host"],
+        "PortBindings": {"80/tcp": [{"HostIp": "", "HostPort": "8080"}]},
+        "PublishAllPorts": False,
     },
     "NetworkingConfig": {"EndpointsConfig": {"default": {}}},
 }
@@ -58,8 +61,6 @@ def test_empty_overlay_variable_is_refused() -> None:
     ("change", "message"),
     [
         ({"HostConfig": {"NetworkMode": "host"}}, "--network host"),
-        ({"HostConfig": {"PortBindings": {"80/tcp": [{"HostPort": "8080"}]}}}, "publishing"),
-        ({"HostConfig": {"PublishAllPorts": True}}, "publishing"),
         ({"HostConfig": {"Links": ["db:db"]}}, "--link"),
         ({"MacAddress": "02:42:00:00:00:01"}, "mac-address"),
     ],
@@ -95,7 +96,7 @@ def test_rewrite_shares_the_sandbox_namespace_and_keeps_the_rest() -> None:
     assert rewritten["HostConfig"]["NetworkMode"] == "container:abc123"
     for gone in ("Hostname", "Domainname", "ExposedPorts", "NetworkingConfig"):
         assert gone not in rewritten
-    for gone in ("Dns", "DnsSearch", "ExtraHosts"):
+    for gone in ("Dns", "DnsSearch", "ExtraHosts", "PortBindings", "PublishAllPorts"):
         assert gone not in rewritten["HostConfig"]
     assert rewritten["HostConfig"]["Binds"] == ["/tmp:/host"]
     assert rewritten["Env"] == CLI_BODY["Env"]
@@ -120,3 +121,16 @@ def test_wrong_types_are_refused_at_parse(body: object, message: str) -> None:
     assert refused.value.status == 400
     with pytest.raises(BadRequest, match="invalid container name"):
         CreateRequest.parse(CLI_BODY, app_name="a/b")
+
+
+def test_published_ports_are_read_at_parse_and_refused_there() -> None:
+    """-p and --expose are the request's ports (Docker would refuse them on the app); a bad
+    one is a 400 at parse, before anything is allocated."""
+    create = CreateRequest.parse(CLI_BODY, app_name="web")
+    assert create is not None
+    assert create.ports.bindings == (RequestedBinding("tcp", "", (8080, 8080), 80),)
+    assert create.ports.exposed == {(80, "tcp")}
+    assert create.image == "busybox"
+    bad = {**CLI_BODY, "HostConfig": {"PortBindings": {"53/sctp": [{"HostPort": "53"}]}}}
+    with pytest.raises(BadRequest, match="sctp is not supported on overlay networks"):
+        CreateRequest.parse(bad, app_name=None)

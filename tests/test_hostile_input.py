@@ -579,18 +579,70 @@ def test_odd_container_name_is_400_before_anything_is_made(plane: Plane, name: s
     plane.assert_unharmed()
 
 
+# -- published ports (-p, -P, --expose) of hostile shape ---------------------------------------
+
+PORT_TEXT = st.one_of(
+    st.sampled_from(["", "0", "80", "8080", "65535", "65536", "1-65535", "8000-7999", "80/tcp",
+                     "53/udp", "53/sctp", "80/TCP", "80/", "-1", " 80", "\u0663\u0660", "::1",
+                     "[::]", "0.0.0.0", "127.0.0.1", "192.0.2.1", "999.1.1.1", "localhost"]),
+    st.text(max_size=12))
+PORT_VALUE = st.one_of(JSON_VALUES, PORT_TEXT, st.lists(st.one_of(
+    JSON_VALUES, st.fixed_dictionaries({}, optional={"HostIp": st.one_of(PORT_TEXT, JSON_VALUES),
+                                                     "HostPort": st.one_of(PORT_TEXT,
+                                                                           JSON_VALUES)})),
+    max_size=3))
+
+
+@EXAMPLES
+@given(fields=st.fixed_dictionaries({}, optional={
+    "PortBindings": st.one_of(JSON_VALUES, st.dictionaries(PORT_TEXT, PORT_VALUE, max_size=3),
+                              st.sampled_from([  # well-formed: made, or refused by the host
+                                  {"80/tcp": [{"HostIp": "", "HostPort": ""}]},
+                                  {"53/udp": [{"HostPort": "20000-20010"}]},
+                                  {"80/tcp": [{"HostIp": "192.0.2.1", "HostPort": "8080"}]},
+                                  {"80-81/tcp": [{"HostPort": "8080"}, {"HostPort": "8080"}]},
+                              ])),
+    "PublishAllPorts": JSON_VALUES,
+    "ExposedPorts": st.one_of(JSON_VALUES, st.dictionaries(PORT_TEXT, JSON_VALUES, max_size=3)),
+}))
+def test_hostile_port_fields_get_a_4xx_or_a_container(plane: Plane,
+                                                      fields: dict[str, Any]) -> None:
+    """Whatever PortBindings, PublishAllPorts and ExposedPorts hold, an overlay create is made
+    or refused with a Docker-shaped 4xx: never a 5xx, never a half-made container."""
+    exposed = fields.pop("ExposedPorts", None)
+    body = overlay_body(f"SOCKETPLANE_NETWORK={GOOD_NETWORK}", HostConfig=fields,
+                        **({"ExposedPorts": exposed} if exposed is not None else {}))
+    reply = plane.create(body)
+    if reply.status != 201:
+        assert 400 <= reply.status < 500, reply
+        assert_refused(reply, reply.status)
+    plane.assert_unharmed()
+
+
 # -- inspect of containers whose io.powerplane.* labels anyone could have set ------------------
+
+FORGED_PORTS = st.one_of(
+    st.text(max_size=30), st.just("[" * 5000),
+    st.sampled_from(['{"published":["1:1/tcp"],"exposed":["1/tcp"]}', '{"published":[5]}',
+                     '{"published":["1-65535:1-65535/tcp","1-65535:1-65535/udp"]}',
+                     '{"exposed":["1-65535/udp"]}', '{"published":["80:80/tcp"]}', "{}"]))
+
 
 @settings(max_examples=15, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(labels=st.dictionaries(
     st.sampled_from(["io.powerplane.ip", "io.powerplane.cidr", "io.powerplane.gateway",
-                     "io.powerplane.mac", "io.powerplane.network", "io.powerplane.sandbox"]),
+                     "io.powerplane.mac", "io.powerplane.network", "io.powerplane.sandbox",
+                     "io.powerplane.host"]),
     st.one_of(st.text(max_size=30), st.just("10.0.0.1/" + "9" * 5000), st.just("/")),
-    min_size=1).map(lambda labels: {"io.powerplane.ip": "10.9.9.9", **labels}))
-def test_inspect_of_a_container_with_forged_labels_answers(plane: Plane,
-                                                           labels: dict[str, str]) -> None:
-    """docker inspect through the proxy answers 200 whatever io.powerplane.* labels say."""
+    min_size=1).map(lambda labels: {"io.powerplane.ip": "10.9.9.9", **labels}),
+       ports=st.none() | FORGED_PORTS)
+def test_inspect_of_a_container_with_forged_labels_answers(plane: Plane, labels: dict[str, str],
+                                                           ports: str | None) -> None:
+    """docker inspect and docker ps through the proxy answer 200 whatever io.powerplane.*
+    labels say, the ports label included."""
+    if ports is not None:
+        labels["io.powerplane.ports"] = ports
     made = rawhttp.request(plane.dockerd.socket, "POST", CREATE,
                            json.dumps({"Image": "busybox", "Labels": labels}).encode())
     assert made.status == 201, made
@@ -599,6 +651,10 @@ def test_inspect_of_a_container_with_forged_labels_answers(plane: Plane,
         reply = plane.send("GET", f"/v1.41/containers/{container}/json", content_type=None)
         assert reply.status == 200, reply
         assert reply.json["Id"] == container
+        listed = plane.send("GET", "/v1.41/containers/json?all=1&filters="
+                            + quote(json.dumps({"id": [container]})), content_type=None)
+        assert listed.status == 200, listed
+        assert [c["Id"] for c in listed.json] == [container]
     finally:
         rawhttp.request(plane.dockerd.socket, "DELETE", f"/v1.41/containers/{container}",
                         content_type=None)

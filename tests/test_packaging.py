@@ -99,6 +99,7 @@ def test_adapters_yml_hooks_network_on_the_contract_endpoints() -> None:
         "POST /*/containers/*/start": {"pre": ["network"], "post": ["network"]},
         "DELETE /*/containers/*": {"pre": ["network"], "post": ["network"]},
         "GET /*/containers/*/json": {"post": ["network"]},
+        "GET /*/containers/json": {"post": ["network"]},
     }
     assert config["adapters"] == {}
 

@@ -89,6 +89,9 @@ class FakeDataPlane:
     async def set_gateways(self, networks: Iterable[Network]) -> list[str]:
         return []  # gateways are the data plane's own business; not what these tests race
 
+    async def set_published(self, published: Iterable[Any]) -> bool:
+        return False
+
 
 class NoFloating:
     async def all(self) -> list[Any]:

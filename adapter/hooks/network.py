@@ -5,10 +5,12 @@
     POST   /containers/{id}/start   pre:  restart and re-wire a sandbox that is not running
     DELETE /containers/{id}         pre:  name → full id, so the post-hook knows whom to release
                                     post: released synchronously once Docker removed it
-    GET    /containers/{id}/json    post: NetworkSettings shows the overlay address
+    GET    /containers/{id}/json    post: NetworkSettings shows the overlay address, and the
+                                          ports (-p, -P, --expose) where Docker shows them
+    GET    /containers/json         post: each overlay app's Ports, what `docker ps` prints
 
 Between pre- and post-hook the hook keeps no memory: the rewritten request, which the post-hook
-receives, carries the sandbox, network and address as labels.
+receives, carries the sandbox, network, address and ports as labels.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from adapter.network.create_rewrite import (
     LABEL_MAC,
     LABEL_NETWORK,
     LABEL_PORT,
+    LABEL_PORTS,
     LABEL_SANDBOX,
     CreateRequest,
 )
 from adapter.network.docker_api import Docker
 from adapter.network.endpoints import EndpointManager
+from adapter.network.ports import PublishedPorts
 from adapter.proxy.powerstrip import PowerstripMessage
 
 log = logging.getLogger(__name__)
@@ -44,6 +48,9 @@ CREATE = re.compile(rf"^{_VERSION}/containers/create$")
 START = re.compile(rf"^{_VERSION}/containers/(?P<id>[^/]+)/start$")
 DELETE = re.compile(rf"^{_VERSION}/containers/(?P<id>[^/]+)$")
 INSPECT = re.compile(rf"^{_VERSION}/containers/(?P<id>[^/]+)/json$")
+LIST = re.compile(rf"^{_VERSION}/containers/json$")
+# How the ports label's key appears in Docker's JSON: a listing without it is passed on unread.
+_PORTS_KEY_JSON = json.dumps(LABEL_PORTS)
 
 
 def _body(container: Mapping[str, Any]) -> Any:
@@ -90,6 +97,8 @@ class NetworkHook:
             await self._post_create(request, response, code)
         elif method == "DELETE" and (match := DELETE.match(path)) and 200 <= code < 300:
             await self._post_delete(match["id"])
+        elif method == "GET" and LIST.match(path) and code == 200:
+            response = _post_list(response)
         elif method == "GET" and INSPECT.match(path) and code == 200:
             response = self._post_inspect(response)
         return {"PowerstripProtocolVersion": 1, "ModifiedServerResponse": response}
@@ -190,4 +199,66 @@ class NetworkHook:
         }
         settings["Networks"] = networks
         info["NetworkSettings"] = settings
+        ports = _ports(info, labels)
+        if ports:
+            settings["Ports"] = {**_mapping(settings.get("Ports")), **ports.network_ports()}
+            host_config = _mapping(info.get("HostConfig"))
+            host_config["PortBindings"] = {**_mapping(host_config.get("PortBindings")),
+                                           **ports.port_bindings()}
+            info["HostConfig"] = host_config
+            config = _mapping(config)
+            config["ExposedPorts"] = {**_mapping(config.get("ExposedPorts")),
+                                      **ports.exposed_ports()}
+            info["Config"] = config
         return {**response, "Body": _encode_like(response.get("Body"), info)}
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def _ports(container: Mapping[str, Any], labels: Mapping[str, Any]) -> PublishedPorts | None:
+    """The ports label of an inspected or listed container, None when absent or malformed."""
+    text = labels.get(LABEL_PORTS)
+    if not text or not isinstance(text, str):
+        return None
+    try:
+        return PublishedPorts.decode(text)
+    except ValueError as exc:
+        # Anyone can set labels: Docker's answer goes out as it came. Not a warning: every
+        # `docker ps` would repeat it; the host agent warns about such a label.
+        log.debug("container %s: ignoring its label %s: %s",
+                  str(container.get("Id") or "?")[:12], LABEL_PORTS, exc)
+        return None
+
+
+def _post_list(response: dict[str, Any]) -> dict[str, Any]:
+    """``Ports`` of each overlay app in a container listing, as Docker fills them for its own
+    published ports; the listing is only read when an app in it carries the ports label."""
+    raw = response.get("Body")
+    if not isinstance(raw, str) or _PORTS_KEY_JSON not in raw \
+            or not str(response.get("ContentType", "")).startswith("application/json"):
+        return response
+    try:
+        listing = json.loads(raw)
+    except (ValueError, RecursionError):
+        return response
+    if not isinstance(listing, list):
+        return response
+    changed = False
+    for container in listing:
+        labels = container.get("Labels") if isinstance(container, dict) else None
+        if not isinstance(labels, dict) or not labels.get(LABEL_IP):
+            continue
+        ports = _ports(container, labels)
+        if not ports:
+            continue
+        listed = ports.listed_ports()
+        ours = {(entry["PrivatePort"], entry["Type"]) for entry in listed}
+        existing = container.get("Ports")
+        kept = [entry for entry in existing if not isinstance(entry, dict)
+                or (entry.get("PrivatePort"), entry.get("Type")) not in ours] \
+            if isinstance(existing, list) else []
+        container["Ports"] = kept + listed
+        changed = True
+    return {**response, "Body": json.dumps(listing)} if changed else response

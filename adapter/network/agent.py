@@ -57,6 +57,7 @@ class ReconcileReport:
     restored_bridge: bool = False
     gateways: list[str] = field(default_factory=list)
     detached_floating: list[str] = field(default_factory=list)
+    published: int = 0  # ports forwarded after the pass (a count, not a change)
 
     def changed(self) -> bool:
         return self.restored_bridge or any((
@@ -227,6 +228,7 @@ class HostAgent:
         networks = await self._state.networks.all()
         # After the ports are settled: a gateway follows the container ports of its network.
         report.gateways = await self._dataplane.set_gateways(networks)
+        report.published = await self._endpoints.publish_ports()
         for network in networks:
             for ip, record in (await self._state.addresses.of_network(network.name)).items():
                 if (record.host == self._host and record.container not in live

@@ -2,8 +2,9 @@
 
 Pure functions over the JSON body Docker's API takes; no I/O. ``CreateRequest.parse`` reads the
 body once, where it comes in: which network (``SOCKETPLANE_*``, the CIDR parsed here and nowhere
-else), whether the options are compatible, what the sandbox takes over. It runs before anything
-is allocated, so a request it rejects leaves nothing behind.
+else), whether the options are compatible, which ports it publishes and exposes
+(``adapter.network.ports``), what the sandbox takes over. It runs before anything is allocated,
+so a request it rejects leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from adapter.errors import BadRequest
 from adapter.model import QUOTE_MAX, json_type, parse_cidr, quoted, validate_name
 from adapter.network.docker_api import SandboxSpec
+from adapter.network.ports import PortRequest
 
 CIDR_VAR = "SOCKETPLANE_CIDR"
 NETWORK_VAR = "SOCKETPLANE_NETWORK"
@@ -34,6 +36,7 @@ LABEL_PORT = LABEL_PREFIX + "port"
 LABEL_HOST = LABEL_PREFIX + "host"
 LABEL_APP_NAME = LABEL_PREFIX + "app-name"
 LABEL_CREATION = LABEL_PREFIX + "creation"  # on sandboxes: a token naming the create in flight
+LABEL_PORTS = LABEL_PREFIX + "ports"  # on apps: -p/-P/--expose, as adapter.network.ports says
 SANDBOX_ROLE = "sandbox"
 
 # Network modes that mean "Docker's default"; anything else is the user's explicit choice.
@@ -135,9 +138,6 @@ def check_compatible(body: Mapping[str, Any]) -> None:
     if mode not in DEFAULT_NETWORK_MODES:
         raise BadRequest(f"{CIDR_VAR}/{NETWORK_VAR} puts the container on an overlay network; "
                          f"it cannot also use --network {mode[:QUOTE_MAX]}")
-    if host_config.get("PortBindings") or host_config.get("PublishAllPorts"):
-        raise BadRequest("publishing ports (-p/-P) is not supported for containers on an overlay "
-                         "network: reach them at their overlay address instead")
     if host_config.get("Links"):
         raise BadRequest("--link is not supported on an overlay network: containers reach each "
                          "other by overlay address")
@@ -175,7 +175,9 @@ def rewrite_create(body: Mapping[str, Any], *, sandbox_id: str,
     for moved in ("Hostname", "Domainname", "ExposedPorts", "MacAddress"):
         rewritten.pop(moved, None)
     host_config = dict(rewritten.get("HostConfig") or {})
-    for moved in ("Dns", "DnsSearch", "DnsOptions", "ExtraHosts"):
+    # Docker refuses published ports with a container network mode; the label carries them.
+    for moved in ("Dns", "DnsSearch", "DnsOptions", "ExtraHosts", "PortBindings",
+                  "PublishAllPorts"):
         host_config.pop(moved, None)
     host_config["NetworkMode"] = f"container:{sandbox_id}"
     rewritten["HostConfig"] = host_config
@@ -191,6 +193,12 @@ class CreateRequest:
     overlay: OverlayRequest
     body: Mapping[str, Any]
     app_name: str | None
+    ports: PortRequest = field(default_factory=PortRequest)
+
+    @property
+    def image(self) -> str | None:
+        image = self.body.get("Image")
+        return image if isinstance(image, str) and image else None
 
     @classmethod
     def parse(cls, body: Any, *, app_name: str | None) -> CreateRequest | None:
@@ -208,7 +216,7 @@ class CreateRequest:
             return None
         check_types(body, app_name=app_name)
         check_compatible(body)
-        return cls(overlay, body, app_name)
+        return cls(overlay, body, app_name, PortRequest.parse(body))
 
     def sandbox(self, *, image: str, labels: Mapping[str, str]) -> SandboxSpec:
         return sandbox_spec(self.body, image=image, name=self.app_name, labels=labels)

@@ -95,6 +95,22 @@ class Docker:
 
         return await self._call(f"inspect container {container}", run)
 
+    async def image_config(self, image: str) -> dict[str, Any] | None:
+        """The config of a local image (its ``ExposedPorts``...), or None when Docker has no
+        such image or cannot read the reference: the create itself will say why."""
+
+        def run(api: docker.APIClient) -> dict[str, Any] | None:
+            try:
+                info: dict[str, Any] = api.inspect_image(image)
+            except docker.errors.APIError as exc:
+                if exc.is_client_error():
+                    return None
+                raise
+            config = info.get("Config")
+            return config if isinstance(config, dict) else None
+
+        return await self._call(f"inspect image {image[:80]}", run)
+
     async def create_sandbox(self, spec: SandboxSpec) -> str:
         """Create (not start) a sandbox with no network of Docker's own; return its id."""
 

@@ -4,9 +4,11 @@ The network hook (driven by Docker API calls) and the host agent (driven by Dock
 periodic reconciliation) both change endpoints only through ``EndpointManager``, so the order of
 steps and their undo live in one place:
 
-    attach:   network → sandbox container (created) → address (CAS claim, owner = sandbox id)
-              → sandbox started → veth plugged into its namespace        (undone on any failure)
-    commit:   app container id known → endpoint record ``endpoints/<app id>``
+    attach:   host ports (claimed in this process) → network → sandbox container (created)
+              → address (CAS claim, owner = sandbox id) → sandbox started → veth plugged into
+              its namespace                                             (undone on any failure)
+    commit:   app container id known → endpoint record ``endpoints/<app id>``; its ports are
+              on its label now, where every later check finds them
     detach:   unplug → remove sandbox → release address (only if still ours) → drop record
 
 Every step is idempotent, so a detach after a crash at any point converges.
@@ -19,9 +21,10 @@ import logging
 import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from adapter.dataplane.firewall import PublishedPort
 from adapter.dataplane.switch import port_name
 from adapter.errors import BadRequest, NetworkNotFound, PowerplaneError
 from adapter.model import Endpoint, Network
@@ -35,6 +38,7 @@ from adapter.network.create_rewrite import (
     LABEL_MAC,
     LABEL_NETWORK,
     LABEL_PORT,
+    LABEL_PORTS,
     LABEL_ROLE,
     LABEL_SANDBOX,
     SANDBOX_ROLE,
@@ -43,6 +47,9 @@ from adapter.network.create_rewrite import (
 )
 from adapter.network.docker_api import Docker
 from adapter.network.locks import KeyedLocks
+from adapter.network.port_claims import Claim, PortClaims
+from adapter.network.ports import PublishedPorts
+from adapter.network.published import published_ports
 from adapter.network.readiness import DATAPLANE, Readiness
 from adapter.network.state import State
 from adapter.settings import Settings
@@ -83,6 +90,8 @@ class DataPlaneLike(Protocol):
 
     async def set_gateways(self, networks: Iterable[Network]) -> list[str]: ...
 
+    async def set_published(self, published: Iterable[PublishedPort]) -> bool: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Attachment:
@@ -93,6 +102,7 @@ class Attachment:
     mac: str
     port: str
     sandbox_id: str
+    ports: PublishedPorts = field(default_factory=PublishedPorts)
 
     def app_labels(self, host_id: str) -> dict[str, str]:
         return {
@@ -104,6 +114,9 @@ class Attachment:
             LABEL_MAC: self.mac,
             LABEL_PORT: self.port,
             LABEL_HOST: host_id,
+            # Set even when empty: an image committed from an overlay app carries its ports
+            # label, which would otherwise publish that app's ports again.
+            LABEL_PORTS: self.ports.encode() if self.ports else "",
         }
 
 
@@ -128,6 +141,12 @@ class EndpointManager:
         # the namespace (sandbox pid) each sandbox was last plugged into, and each app's sandbox.
         self._plugged_pid: dict[str, int] = {}
         self._sandbox_of_app: dict[str, str] = {}
+        self._ports = PortClaims(docker, settings.host_id)
+        # The host ports of each sandbox whose app does not exist yet.
+        self._port_claims: dict[str, Claim] = {}
+        # One listing-and-apply of the published ports at a time, so an older listing is never
+        # applied after a newer one.
+        self._publish_lock = asyncio.Lock()
 
     @property
     def host_id(self) -> str:
@@ -176,28 +195,26 @@ class EndpointManager:
         return await self._state.networks.for_subnet(request.subnet)
 
     async def attach(self, request: CreateRequest) -> Attachment:
-        """Find (or create) the network, then make a started, plugged sandbox with an address
-        on it; undo everything if any step fails."""
+        """Claim the host ports, find (or create) the network, then make a started, plugged
+        sandbox with an address on it; undo everything if any step fails."""
         # Before anything is written: a create refused for a data plane that never came up
         # leaves not even the network it named.
         if self._readiness is not None:
             await self._readiness.wait_for(DATAPLANE, self._settings.dataplane_wait)
-        network = await self.resolve_network(request.overlay)
-        labels = {
-            LABEL_ROLE: SANDBOX_ROLE,
-            LABEL_NETWORK: network.name,
-            LABEL_HOST: self.host_id,
-        }
-        if request.app_name:
-            labels[LABEL_APP_NAME] = request.app_name
-        token = labels[LABEL_CREATION] = secrets.token_hex(8)
-        spec = request.sandbox(image=self._settings.sandbox_image, labels=labels)
-        self._creating.add(token)
+        # Ports before the network, for the same reason: a taken port leaves nothing behind.
+        claim = await self._ports.claim(request.ports, image=request.image,
+                                        endpoint=(request.app_name or "").lstrip("/") or None)
         try:
-            sandbox_id = await self._docker.create_sandbox(spec)
-            self._pending[sandbox_id] = time.monotonic() + PENDING_GRACE_SECONDS
-        finally:
-            self._creating.discard(token)
+            network = await self.resolve_network(request.overlay)
+            if network.internal and request.ports.publishes:
+                raise BadRequest(
+                    f"network {network.name} is internal: containers on an internal network "
+                    "have no published ports (-p/-P); reach them from the network itself")
+            sandbox_id = await self._create_sandbox(request, network)
+        except BaseException:
+            self._ports.release(claim)
+            raise
+        self._port_claims[sandbox_id] = claim
         ip: str | None = None
         try:
             ip = await self._state.addresses.allocate(network, container=sandbox_id,
@@ -217,17 +234,59 @@ class EndpointManager:
             raise
         log.info("sandbox %s on %s holds %s", sandbox_id[:12], network.name, ip)
         return Attachment(network=network, ip=ip, mac=port.mac, port=port.port,
-                          sandbox_id=sandbox_id)
+                          sandbox_id=sandbox_id, ports=claim.ports)
+
+    async def _create_sandbox(self, request: CreateRequest, network: Network) -> str:
+        labels = {
+            LABEL_ROLE: SANDBOX_ROLE,
+            LABEL_NETWORK: network.name,
+            LABEL_HOST: self.host_id,
+        }
+        if request.app_name:
+            labels[LABEL_APP_NAME] = request.app_name
+        token = labels[LABEL_CREATION] = secrets.token_hex(8)
+        spec = request.sandbox(image=self._settings.sandbox_image, labels=labels)
+        self._creating.add(token)
+        try:
+            sandbox_id = await self._docker.create_sandbox(spec)
+            self._pending[sandbox_id] = time.monotonic() + PENDING_GRACE_SECONDS
+        finally:
+            self._creating.discard(token)
+        return sandbox_id
 
     async def commit(self, *, app_id: str, network: str, ip: str, mac: str, port: str,
                      sandbox_id: str) -> None:
         """The app container exists: record the endpoint under its id."""
+        claim = self._port_claims.pop(sandbox_id, None)
+        if claim is not None:
+            self._ports.settle(claim)
         await self._state.endpoints.put(Endpoint(
             container_id=app_id, network=network, ip=ip, mac=mac, host=self.host_id,
             port=port, sandbox=sandbox_id))
         self._committed_at[sandbox_id] = time.monotonic()
         self._pending.pop(sandbox_id, None)
         self._sandbox_of_app[app_id] = sandbox_id
+        if claim is not None and claim.ports:
+            # Before the create returns, so the ports answer from the app's first moment.
+            await self.publish_ports()
+
+    async def publish_ports(self) -> int:
+        """Forward exactly the ports this host's overlay apps publish; how many.
+
+        Read from Docker (the apps' ports labels), so a port is forwarded while its app
+        exists, stopped or running, like Docker keeps a stopped container's ports reserved.
+        """
+        async with self._publish_lock:
+            apps = await self._docker.containers(label=LABEL_SANDBOX)
+            sandboxes = {c.get("Id") for c in await self._docker.containers(
+                label=f"{LABEL_ROLE}={SANDBOX_ROLE}")}
+            # A container made from an image committed from an overlay app inherits its labels
+            # but has no sandbox of its own: its "ports" are not ours to forward.
+            apps = [app for app in apps
+                    if (app.get("Labels") or {}).get(LABEL_SANDBOX) in sandboxes]
+            forwards = [PublishedPort(*forward) for forward in published_ports(apps, self.host_id)]
+            await self._dataplane.set_published(forwards)
+            return len(forwards)
 
     def sandbox_of(self, app_id: str) -> str | None:
         """The sandbox of an app this process committed (by full id), if still attached."""
@@ -248,6 +307,9 @@ class EndpointManager:
             self._pending.pop(sandbox_id, None)
 
     async def _remove_sandbox(self, sandbox_id: str, network: str, ip: str | None) -> None:
+        claim = self._port_claims.pop(sandbox_id, None)
+        if claim is not None:
+            self._ports.release(claim)
         async with self._locks.hold(sandbox_id):
             self._plugged_pid.pop(sandbox_id, None)
             self._committed_at.pop(sandbox_id, None)
@@ -270,6 +332,11 @@ class EndpointManager:
         self._sandbox_of_app.pop(endpoint.container_id, None)
         await self._remove_sandbox(endpoint.sandbox, endpoint.network, endpoint.ip)
         await self._state.endpoints.delete(endpoint.container_id)
+        try:
+            await self.publish_ports()  # its ports, if it had any, stop forwarding
+        except PowerplaneError as exc:
+            log.warning("ports of %s still forwarded (%s); reconciliation will retry",
+                        endpoint.container_id[:12], exc)
         log.info("released %s on %s (container %s)", endpoint.ip, endpoint.network,
                  endpoint.container_id[:12])
 

@@ -63,6 +63,7 @@ DEFAULT_ADAPTERS_CONFIG = AdaptersConfig(endpoints=(
     EndpointHooks("POST", "/*/containers/*/start", pre=("network",)),
     EndpointHooks("DELETE", "/*/containers/*", pre=("network",), post=("network",)),
     EndpointHooks("GET", "/*/containers/*/json", post=("network",)),
+    EndpointHooks("GET", "/*/containers/json", post=("network",)),
 ))
 
 

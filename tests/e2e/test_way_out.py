@@ -248,6 +248,28 @@ def test_floating_address_bad_input_is_refused(lab: WayOutLab) -> None:
     assert json.loads(a.powerplane("ip", "ls", "--json").stdout) == []
 
 
+def test_published_port_answers_on_the_host_that_runs_the_container(lab: WayOutLab) -> None:
+    a, b = lab.hosts[0], lab.hosts[1]
+    cidr = "10.14.8.0/24"
+    b.docker_cli("run", "-d", "--name", "pub-b", "-p", "8080:80", "-e",
+                 f"SOCKETPLANE_CIDR={cidr}", "busybox", *httpd("published"))
+    wait_for("the outside reaches pub-b at B's address, port 8080",
+             lambda: outside_fetch(lab, f"{b.netns.ip}:8080") == "published")
+    assert outside_fetch(lab, f"{a.netns.ip}:8080") == "", "published on a host without it"
+    assert b.docker_cli("port", "pub-b").stdout.split() == ["80/tcp", "->", "0.0.0.0:8080"]
+    assert b.docker_cli("ps", "--filter", "name=pub-b", "--format",
+                        "{{.Ports}}").stdout.strip() == "0.0.0.0:8080->80/tcp"
+    # The port is taken on B: a second container asking for it is refused, nothing made.
+    sandboxes = b.sandboxes()
+    taken = b.docker_cli("run", "-d", "--name", "pub-b2", "-p", "8080:80", "-e",
+                         f"SOCKETPLANE_CIDR={cidr}", "busybox", "sleep", "1000", check=False)
+    assert taken.returncode != 0 and "port is already allocated" in taken.stderr, taken.stderr
+    assert b.sandboxes() == sandboxes
+    remove(b, "pub-b")
+    wait_for("the port closed with its container",
+             lambda: outside_fetch(lab, f"{b.netns.ip}:8080") == "")
+
+
 def test_nothing_of_the_way_out_is_left_behind(lab: WayOutLab) -> None:
     """After every container is gone: no gateway port and no Powerplane nftables table."""
     for host in lab.hosts:
