@@ -31,8 +31,8 @@ done
 
 say() { printf '==> %s\n' "$*"; }
 # libnftables1 and what it needs beyond a slim Debian base (libc6 and libtinfo6 are there).
-NFTABLES_DEBS="python3-nftables libnftables1 libnftnl11 libjansson4 libmnl0 libxtables12 \
-libedit2 libbsd0 libmd0 libgmp10"
+nftables_debs=(python3-nftables libnftables1 libnftnl11 libjansson4 libmnl0 libxtables12
+               libedit2 libbsd0 libmd0 libgmp10)
 python=${POWERPLANE_VENV:-/opt/powerplane}/bin/python
 [ -x "$python" ] || python=python3
 
@@ -58,8 +58,8 @@ fi
 say "Debian packages for the host firewall (apt-get download)"
 rm -rf "$context/build/debs"
 mkdir -p "$context/build/debs"
-(cd "$context/build/debs" && apt-get download -q $NFTABLES_DEBS >/dev/null 2>&1) || {
-  echo "build-image.sh: could not download $NFTABLES_DEBS with apt-get" >&2; exit 1; }
+(cd "$context/build/debs" && apt-get download -q "${nftables_debs[@]}" >/dev/null 2>&1) || {
+  echo "build-image.sh: could not download ${nftables_debs[*]} with apt-get" >&2; exit 1; }
 
 build_args=()
 if [ -n "$base" ]; then build_args+=(--build-arg "BASE=$base"); fi

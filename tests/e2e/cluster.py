@@ -71,11 +71,11 @@ class Host:
             "POWERPLANE_FLOATING_RANGE": FLOATING_RANGE,
         }
 
-    def start_serve(self) -> None:
+    def start_serve(self, *extra: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("POWERPLANE_", "CONSUL_"))}
         log = (self.dir / "serve.log").open("ab")
         try:
-            self.serve = self.netns.popen([POWERPLANE, "serve"], env={**env, **self.env},
+            self.serve = self.netns.popen([POWERPLANE, "serve", *extra], env={**env, **self.env},
                                           stdout=log, stderr=subprocess.STDOUT)
         finally:
             log.close()

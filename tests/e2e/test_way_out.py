@@ -8,6 +8,7 @@ NAT. The outside server answers every request with the source address it saw.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -205,6 +206,10 @@ def test_floating_address_follows_its_container_across_hosts(lab: WayOutLab) -> 
     c.powerplane("ip", "detach", fip)
     a.powerplane("ip", "attach", fip, "fip-a")
     started = time.monotonic()
+    # Before the outside sends anything: only A's gratuitous ARP can move its neighbour entry.
+    a_mac = json.loads(a.netns.run(["ip", "-j", "link", "show", "br-phy"]).stdout)[0]["address"]
+    wait_for("the outside's neighbour entry moved to A",
+             lambda: a_mac in lab.outside.run(["ip", "neigh", "show", fip]).stdout)
     wait_for("the outside reaches fip-a after the move",
              lambda: outside_fetch(lab, fip) == "on-a")
     print(f"floating address moved across hosts in {time.monotonic() - started:.2f} s")
@@ -268,6 +273,32 @@ def test_published_port_answers_on_the_host_that_runs_the_container(lab: WayOutL
     remove(b, "pub-b")
     wait_for("the port closed with its container",
              lambda: outside_fetch(lab, f"{b.netns.ip}:8080") == "")
+
+
+def test_the_way_out_is_rebuilt_after_a_crash_and_removed_by_cleanup(lab: WayOutLab) -> None:
+    """serve SIGKILLed, then its nftables table and gateway address lost (as after a reboot's
+    firewall reset): started again, it puts both back and the container gets out again.
+    Stopped with --cleanup, it takes gateway and table away; started again, they return."""
+    a = lab.hosts[0]
+    url = f"http://{lab.outside.ip}:{OUTSIDE_PORT}/"
+    run_app(a, "crash-a", "-e", "SOCKETPLANE_CIDR=10.14.9.0/24")
+    assert fetch(a, "crash-a", url) == f"from {a.netns.ip}"
+    (gateway,) = gateway_ports(a)
+    a.kill_serve(signal.SIGKILL)
+    a.netns.run(["nft", "delete", "table", "inet", "powerplane"])
+    a.netns.run(["ip", "addr", "flush", "dev", gateway])
+    assert fetch(a, "crash-a", url, seconds=2) is None  # really broken
+    a.start_serve()
+    wait_for("egress back after the restart", lambda: fetch(a, "crash-a", url, seconds=2))
+    assert "powerplane" in nft_tables(a)
+
+    a.kill_serve()
+    a.start_serve("--cleanup")
+    a.kill_serve()  # SIGTERM: the orderly stop that --cleanup acts on
+    assert gateway_ports(a) == [] and "powerplane" not in nft_tables(a)
+    a.start_serve()
+    wait_for("egress back without --cleanup", lambda: fetch(a, "crash-a", url, seconds=2))
+    remove(a, "crash-a")
 
 
 def test_nothing_of_the_way_out_is_left_behind(lab: WayOutLab) -> None:
