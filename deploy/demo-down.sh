@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Undo deploy/demo.sh: remove the demo's containers and overlay network, the OVS bridge, and stop
+# Undo deploy/demo.sh: remove the demo's containers and overlay network, the OVS bridge (with its
+# gateway ports), Powerplane's nftables table, and stop
 # the daemons the demo started (recorded under /run/powerplane-demo) and only those. Daemons that
 # were already running before the demo are left alone. Idempotent: safe to run at any time.
 #
@@ -14,7 +15,7 @@ keep_logs=0
 for arg in "$@"; do
   case "$arg" in
     --keep-logs) keep_logs=1 ;;
-    -h|--help) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument: $arg (try --help)" ;;
   esac
 done
@@ -79,6 +80,13 @@ fi
 say "Open vSwitch bridge $bridge"
 if ovs-vsctl --timeout=3 show >/dev/null 2>&1; then
   ovs-vsctl --timeout=5 --if-exists del-br "$bridge"
+fi
+
+say "Powerplane's nftables table"
+# Gone by itself when the last container left through the proxy; not when serve was down.
+if command -v nft >/dev/null && nft list table inet powerplane >/dev/null 2>&1; then
+  nft delete table inet powerplane
+  note "removed table inet powerplane"
 fi
 
 say "daemons the demo started"
