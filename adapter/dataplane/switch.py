@@ -353,8 +353,11 @@ class DataPlane:
         """
         wanted = tuple(sorted(set(floating), key=lambda f: f.address))
         async with self._lock:
-            self._floating = wanted
-            await self._apply_firewall(await self._ports())
+            if wanted != self._floating:
+                # Otherwise the rules are the reconciler's to repair (set_gateways), not ours
+                # to rewrite every time the floating list is looked at again.
+                self._floating = wanted
+                await self._apply_firewall(await self._ports())
         if not self.settings.floating_range:
             if wanted:
                 raise DataPlaneError("floating addresses are attached to containers on this "
