@@ -223,12 +223,17 @@ def test_dockerd_restart_brings_restart_policy_containers_back(lab: E2ELab) -> N
 
 def switch_state(host: Host) -> tuple[list[str], str] | None:
     """The bridge's ports (containers and tunnels) and its OpenFlow table, without counters;
-    None while there is no bridge."""
-    if "powerplane0" not in host.ovs.vsctl("list-br").split():
+    None while there is no bridge, or while a restarted vswitchd has not opened its
+    management socket yet (`ovs-ofctl` then fails: "not a bridge or a socket")."""
+    try:
+        if "powerplane0" not in host.ovs.vsctl("list-br").split():
+            return None
+        dump = host.ovs.ofctl("dump-flows", "powerplane0")
+    except RuntimeError:
         return None
     flows = [" ".join(word for word in line.split() if not word.startswith(
                  ("cookie=", "duration=", "n_packets=", "n_bytes=", "idle_age=", "hard_age=")))
-             for line in host.ovs.ofctl("dump-flows", "powerplane0").splitlines()[1:]]
+             for line in dump.splitlines()[1:]]
     return sorted(host.ovs_ports()), "\n".join(sorted(flows))
 
 
