@@ -96,8 +96,11 @@ class HostAgent:
             except PowerplaneError as exc:
                 log.warning("reconciliation postponed: %s", exc)
             self._wake.clear()
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation that
+            # arrives as the event is set, and serve would never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._settings.reconcile_interval)
+                async with asyncio.timeout(self._settings.reconcile_interval):
+                    await self._wake.wait()
 
     async def _follow_events(self) -> None:
         # Where a re-opened stream resumes: the last event seen, so a restarted dockerd's

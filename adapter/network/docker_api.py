@@ -213,4 +213,5 @@ class Docker:
         finally:
             stream.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(reader, timeout=5)
+                async with asyncio.timeout(5):  # not wait_for: it can lose a cancellation
+                    await reader

@@ -56,8 +56,11 @@ class FloatingFollower:
     async def _apply_forever(self) -> None:
         applied: list[FloatingAddress] | None = None
         while True:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation that
+            # arrives as the event is set, and serve would never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), self._settings.reconcile_interval)
+                async with asyncio.timeout(self._settings.reconcile_interval):
+                    await self._changed.wait()
             self._changed.clear()
             if self._latest is None:
                 continue  # Consul has not answered yet: nothing known, nothing to undo

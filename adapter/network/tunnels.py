@@ -131,8 +131,11 @@ class TunnelReconciler:
             tasks.create_task(self._follow_hosts(), name="powerplane-watch-hosts")
             tasks.create_task(self._follow_networks(), name="powerplane-watch-networks")
             while True:
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation
+                # that arrives as the event is set, and serve would never stop.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), self._interval)
+                    async with asyncio.timeout(self._interval):
+                        await self._changed.wait()
                 self._changed.clear()
                 if self.hosts is None or self.networks is None:
                     continue  # reconcile on a full picture only: never drop tunnels on half of it

@@ -236,7 +236,8 @@ class Listeners:
             server.close()
         for server in self._servers:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), timeout=1)
+                async with asyncio.timeout(1):  # not wait_for: it can lose a cancellation
+                    await server.wait_closed()
         self._servers.clear()
         for path in self._socket_paths:
             with contextlib.suppress(FileNotFoundError):
