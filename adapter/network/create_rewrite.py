@@ -16,13 +16,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapter.errors import BadRequest
-from adapter.model import QUOTE_MAX, json_type, parse_cidr, quoted, validate_name
+from adapter.errors import BadRequest, InvalidNetwork
+from adapter.model import (
+    QUOTE_MAX,
+    json_type,
+    parse_aliases,
+    parse_cidr,
+    quoted,
+    validate_name,
+)
 from adapter.network.docker_api import SandboxSpec
 from adapter.network.ports import PortRequest
 
 CIDR_VAR = "SOCKETPLANE_CIDR"
 NETWORK_VAR = "SOCKETPLANE_NETWORK"
+ALIASES_VAR = "SOCKETPLANE_ALIASES"
 
 LABEL_PREFIX = "io.powerplane."
 LABEL_ROLE = LABEL_PREFIX + "role"  # "sandbox" on sandboxes
@@ -37,6 +45,10 @@ LABEL_HOST = LABEL_PREFIX + "host"
 LABEL_APP_NAME = LABEL_PREFIX + "app-name"
 LABEL_CREATION = LABEL_PREFIX + "creation"  # on sandboxes: a token naming the create in flight
 LABEL_PORTS = LABEL_PREFIX + "ports"  # on apps: -p/-P/--expose, as adapter.network.ports says
+# On apps: what the DNS server answers for them besides their name (the create moves the
+# hostname onto the sandbox, so the app's own Config no longer tells it).
+LABEL_HOSTNAME = LABEL_PREFIX + "hostname"
+LABEL_ALIASES = LABEL_PREFIX + "aliases"  # comma-separated, as SOCKETPLANE_ALIASES
 SANDBOX_ROLE = "sandbox"
 
 # Network modes that mean "Docker's default"; anything else is the user's explicit choice.
@@ -91,6 +103,25 @@ def overlay_request(body: Mapping[str, Any]) -> OverlayRequest | None:
         raise BadRequest(f"{CIDR_VAR} or {NETWORK_VAR} is set but empty: give a subnet such as "
                          f"10.0.6.0/24 or the name of a network")
     return OverlayRequest(cidr=cidr, network=network)
+
+
+def aliases_label(labels: Mapping[str, str]) -> tuple[str, ...]:
+    """The aliases an app's label holds; a label anyone could have set is checked again, and
+    one that does not hold DNS labels gives none."""
+    text = labels.get(LABEL_ALIASES) or ""
+    try:
+        return parse_aliases(text) if text.strip() else ()
+    except InvalidNetwork:
+        return ()
+
+
+def aliases_of(body: Mapping[str, Any]) -> tuple[str, ...]:
+    """``SOCKETPLANE_ALIASES=a,b`` of an overlay create (its Env already checked), validated."""
+    for entry in body.get("Env") or ():
+        key, _, value = entry.partition("=")
+        if key == ALIASES_VAR and value.strip():
+            return parse_aliases(value)
+    return ()
 
 
 def _of_type(value: Any, kind: type | tuple[type, ...], field: str, expected: str) -> Any:
@@ -194,6 +225,18 @@ class CreateRequest:
     body: Mapping[str, Any]
     app_name: str | None
     ports: PortRequest = field(default_factory=PortRequest)
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """The container's name as Docker lists it without the '/', "" when Docker picks it."""
+        return (self.app_name or "").lstrip("/")
+
+    def hostname(self, sandbox_id: str) -> str:
+        """The host name the app will have: Docker copies its sandbox's, which is the user's
+        ``--hostname``, or Docker's default, the sandbox's short id."""
+        hostname = self.body.get("Hostname")
+        return hostname if isinstance(hostname, str) and hostname else sandbox_id[:12]
 
     @property
     def image(self) -> str | None:
@@ -216,7 +259,7 @@ class CreateRequest:
             return None
         check_types(body, app_name=app_name)
         check_compatible(body)
-        return cls(overlay, body, app_name, PortRequest.parse(body))
+        return cls(overlay, body, app_name, PortRequest.parse(body), aliases_of(body))
 
     def sandbox(self, *, image: str, labels: Mapping[str, str]) -> SandboxSpec:
         return sandbox_spec(self.body, image=image, name=self.app_name, labels=labels)
