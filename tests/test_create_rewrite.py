@@ -167,3 +167,28 @@ def test_aliases_label_is_checked_again() -> None:
     assert aliases_label({LABEL_ALIASES: "www,front"}) == ("www", "front")
     assert aliases_label({LABEL_ALIASES: "bad_one"}) == ()
     assert aliases_label({}) == ()
+
+
+def test_sandbox_resolver_is_the_gateway_unless_dns_is_given() -> None:
+    """Dns=[gateway] by default; the user's --dns is kept, as Docker keeps it."""
+    plain = {"Image": "busybox", "Env": ["SOCKETPLANE_CIDR=10.0.6.0/24"]}
+    assert sandbox_spec(plain, image="i", name=None, labels={},
+                        gateway="10.0.6.1").dns == ("10.0.6.1",)
+    assert sandbox_spec(CLI_BODY, image="i", name=None, labels={},
+                        gateway="10.0.6.1").dns == ("10.0.6.53",)
+
+
+@pytest.mark.parametrize("hostname, name, expected", [
+    ("web1", "/web", "web1"),  # --hostname wins
+    (None, "/web", "web"),  # else the name, a DNS label
+    (None, "my_app", None),  # a name that is no DNS label: Docker's default
+    (None, None, None),
+])
+def test_sandbox_hostname(hostname: str | None, name: str | None,
+                          expected: str | None) -> None:
+    body = {"Image": "busybox", "Env": ["SOCKETPLANE_CIDR=10.0.6.0/24"],
+            **({"Hostname": hostname} if hostname else {})}
+    assert sandbox_spec(body, image="i", name=name, labels={}).hostname == expected
+    create = CreateRequest.parse(body, app_name=name)
+    assert create is not None
+    assert create.hostname("0123456789abcdef") == (expected or "0123456789ab")

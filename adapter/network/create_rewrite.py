@@ -19,6 +19,7 @@ from typing import Any
 from adapter.errors import BadRequest, InvalidNetwork
 from adapter.model import (
     QUOTE_MAX,
+    is_dns_label,
     json_type,
     parse_aliases,
     parse_cidr,
@@ -177,9 +178,29 @@ def check_compatible(body: Mapping[str, Any]) -> None:
                          "is derived from the container's overlay IP")
 
 
+def default_hostname(body: Mapping[str, Any], name: str | None) -> str | None:
+    """The sandbox's host name, which Docker gives the app too (it copies the hostname of the
+    container whose network it joins): the user's ``--hostname``, else the app's name when
+    that is a DNS label, else None (Docker's default, the sandbox's short id).
+
+    Why the name: Docker would give the app its own short id, but that id does not exist
+    until after the sandbox is made, and a host name cannot be changed from outside a running
+    container without reaching into its namespaces. The name is what the user chose and what
+    the container resolves by anyway.
+    """
+    hostname = body.get("Hostname")
+    if isinstance(hostname, str) and hostname:
+        return hostname
+    plain = (name or "").lstrip("/")
+    return plain if is_dns_label(plain) else None
+
+
 def sandbox_spec(body: Mapping[str, Any], *, image: str, name: str | None,
-                 labels: Mapping[str, str]) -> SandboxSpec:
-    """The sandbox for this request: it takes the options Docker forbids on the app itself."""
+                 labels: Mapping[str, str], gateway: str | None = None) -> SandboxSpec:
+    """The sandbox for this request: it takes the options Docker forbids on the app itself.
+
+    Its resolver is the network's gateway (the DNS server of this host) unless the user gave
+    ``--dns``: theirs are kept, as Docker keeps them on its own networks."""
     host_config = body.get("HostConfig") or {}
     restart = host_config.get("RestartPolicy") or {}
     # A sandbox must outlive restarts of its app; "no" and on-failure would let it stay dead.
@@ -189,9 +210,9 @@ def sandbox_spec(body: Mapping[str, Any], *, image: str, name: str | None,
         image=image,
         name=f"{name}-powerplane" if name else None,
         labels=dict(labels),
-        hostname=body.get("Hostname") or None,
+        hostname=default_hostname(body, name),
         domainname=body.get("Domainname") or None,
-        dns=tuple(host_config.get("Dns") or ()),
+        dns=tuple(host_config.get("Dns") or ((gateway,) if gateway else ())),
         dns_search=tuple(host_config.get("DnsSearch") or ()),
         dns_options=tuple(host_config.get("DnsOptions") or ()),
         extra_hosts=tuple(host_config.get("ExtraHosts") or ()),
@@ -233,10 +254,9 @@ class CreateRequest:
         return (self.app_name or "").lstrip("/")
 
     def hostname(self, sandbox_id: str) -> str:
-        """The host name the app will have: Docker copies its sandbox's, which is the user's
-        ``--hostname``, or Docker's default, the sandbox's short id."""
-        hostname = self.body.get("Hostname")
-        return hostname if isinstance(hostname, str) and hostname else sandbox_id[:12]
+        """The host name the app will have: Docker copies its sandbox's (``default_hostname``,
+        or Docker's default, the sandbox's short id)."""
+        return default_hostname(self.body, self.app_name) or sandbox_id[:12]
 
     @property
     def image(self) -> str | None:
@@ -261,8 +281,10 @@ class CreateRequest:
         check_compatible(body)
         return cls(overlay, body, app_name, PortRequest.parse(body), aliases_of(body))
 
-    def sandbox(self, *, image: str, labels: Mapping[str, str]) -> SandboxSpec:
-        return sandbox_spec(self.body, image=image, name=self.app_name, labels=labels)
+    def sandbox(self, *, image: str, labels: Mapping[str, str],
+                gateway: str | None = None) -> SandboxSpec:
+        return sandbox_spec(self.body, image=image, name=self.app_name, labels=labels,
+                            gateway=gateway)
 
     def rewritten(self, *, sandbox_id: str, labels: Mapping[str, str]) -> dict[str, Any]:
         return rewrite_create(self.body, sandbox_id=sandbox_id, labels=labels)

@@ -252,7 +252,8 @@ class EndpointManager:
         if request.app_name:
             labels[LABEL_APP_NAME] = request.app_name
         token = labels[LABEL_CREATION] = secrets.token_hex(8)
-        spec = request.sandbox(image=self._settings.sandbox_image, labels=labels)
+        spec = request.sandbox(image=self._settings.sandbox_image, labels=labels,
+                               gateway=network.gateway)
         self._creating.add(token)
         try:
             sandbox_id = await self._docker.create_sandbox(spec)
