@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapter.network.dns_wire import is_reply_to, is_truncated, with_id
+from adapter.network.dns_wire import is_reply_to, is_truncated, query_for, with_id
 from adapter.settings import parse_host_port
 
 log = logging.getLogger(__name__)
@@ -152,3 +152,13 @@ class Forwarder:
             if writer is not None:
                 writer.close()
         return reply if is_reply_to(reply, message_id) else None
+
+
+async def probe(address: str, port: int = DNS_PORT, seconds: float = 1.0) -> bool:
+    """True when a DNS server answers at ``address`` (``powerplane status``'s check): a
+    single-label name no container may have is answered by the server itself, never
+    forwarded."""
+    message_id = secrets.randbelow(65536)
+    query = query_for("powerplane-status-probe", message_id=message_id)
+    return await Forwarder([Upstream(address, port)], attempt_timeout=seconds,
+                           deadline=seconds).forward(query) is not None
