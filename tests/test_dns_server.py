@@ -354,3 +354,20 @@ async def test_hostile_traffic_leaves_it_answering(lab: Lab) -> None:
     assert udp is not None and not udp._tasks  # garbage never became a forward
     for writer in writers + hold:
         writer.close()
+
+
+def test_answers_are_kept_by_query_until_the_names_change() -> None:
+    """The same question again is the same answer with its own id; a change of names is
+    answered at once; the kept answers never pass their bound."""
+    resolver = _resolver()
+    first = resolver.immediate(query_for("web", message_id=1), SCOPE)
+    again = resolver.immediate(query_for("web", message_id=2), SCOPE)
+    assert isinstance(first, bytes) and isinstance(again, bytes)
+    assert again[:2] == b"\x00\x02" and again[2:] == first[2:]
+    assert read_answer(again).answers == ("10.0.6.2",)
+    resolver.names.replace([endpoint("b", "blue", "10.0.6.9", "web")])
+    moved = resolver.immediate(query_for("web", message_id=3), SCOPE)
+    assert isinstance(moved, bytes) and read_answer(moved).answers == ("10.0.6.9",)
+    for n in range(dns_server.MAX_CACHED_ANSWERS + 10):
+        resolver.immediate(query_for(f"n{n}"), SCOPE)
+    assert len(resolver._answers) <= dns_server.MAX_CACHED_ANSWERS

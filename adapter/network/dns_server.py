@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 
 TTL = 5  # seconds: containers come and go; a cache must not outlive one for long
 MAX_FORWARDS = 256  # forwards in flight at once, all addresses together
+# Our own answers kept packed, by network and query (less its id); dropped whole when the names
+# change or it is full, so no input makes it grow past this.
+MAX_CACHED_ANSWERS = 4096
 MAX_TCP_CONNECTIONS = 64  # per address
 TCP_IDLE_TIMEOUT = 10.0
 TCP_READ_TIMEOUT = 5.0  # a message announced by its length must arrive in this time
@@ -100,6 +103,11 @@ class Resolver:
         self.names = names
         self.forwarder = forwarder
         self._forwards = 0
+        # dnslib parses and packs in pure Python (some 0.3 ms a query); a container asks the
+        # same few names again and again, and the answer to the same bytes on the same network
+        # is the same bytes, but for the id, until the names change.
+        self._answers: dict[tuple[str, bytes], bytes] = {}
+        self._answers_generation = -1
 
     def local(self, query: Query, scope: Scope) -> bytes | None:
         """Our answer, or None when the query is for the upstreams."""
@@ -114,10 +122,23 @@ class Resolver:
 
     def immediate(self, data: bytes, scope: Scope) -> Query | bytes | None:
         """What to send at once, or the query to forward, or None (dropped)."""
+        if self._answers_generation != self.names.generation:
+            self._answers.clear()
+            self._answers_generation = self.names.generation
+        key = (scope.network, data[2:])
+        cached = self._answers.get(key)
+        if cached is not None:
+            return data[:2] + cached
         parsed = parse_query(data)
         if not isinstance(parsed, Query):
             return parsed
-        return self.local(parsed, scope) or parsed
+        answer = self.local(parsed, scope)
+        if answer is None:
+            return parsed
+        if len(self._answers) >= MAX_CACHED_ANSWERS:
+            self._answers.clear()
+        self._answers[key] = answer[2:]
+        return answer
 
     async def forward(self, query: Query, data: bytes, *, udp: bool) -> bytes:
         if self._forwards >= MAX_FORWARDS:
