@@ -102,6 +102,10 @@ def test_names_across_hosts(lab: NamesLab) -> None:
         assert in_container(b, "client", "hostname").stdout.strip() == "client"
         own = in_container(b, "client", "sh", "-c", "nslookup $(hostname)")
         assert f"Address: {client}" in own.stdout, own
+        # Through the C library's resolver (getaddrinfo), as `getent hosts $(hostname)` would
+        # go; busybox has no getent.
+        pinged = in_container(b, "client", "sh", "-c", "ping -c 1 -W 2 $(hostname)")
+        assert f"({client})" in pinged.stdout.splitlines()[0], pinged
         resolv = in_container(b, "client", "cat", "/etc/resolv.conf").stdout
         assert f"nameserver {GATEWAY}" in resolv, resolv
         run_app(b, "other", "-e", f"SOCKETPLANE_CIDR={OTHER_CIDR}")
