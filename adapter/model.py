@@ -27,6 +27,9 @@ VNI_MIN = 1
 VNI_MAX = 16_777_215  # 24 bits
 MTU_MIN = 576
 MTU_MAX = 9000
+# A DNS label as RFC 1123 allows it in a host name: what a container's name, hostname or alias
+# must be to be answered by the DNS server (compared without regard to case).
+DNS_LABEL = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?")
 # How much of a value an error message quotes: enough to recognise it, never a megabyte.
 QUOTE_MAX = 80
 
@@ -65,6 +68,29 @@ def validate_name(name: str) -> str:
             "[a-zA-Z0-9_.-], starting with a letter or digit"
         )
     return name
+
+
+def is_dns_label(name: str) -> bool:
+    return DNS_LABEL.fullmatch(name) is not None
+
+
+def parse_aliases(value: str) -> tuple[str, ...]:
+    """``SOCKETPLANE_ALIASES=a,b``: each a DNS label, kept lower case, each once, in order.
+
+    InvalidNetwork (a 400) naming the first bad one: an alias the DNS server could never answer
+    is refused at create, before anything is made, rather than silently ignored.
+    """
+    aliases: list[str] = []
+    for item in value.split(","):
+        alias = item.strip()
+        if not is_dns_label(alias):
+            raise InvalidNetwork(
+                f"invalid alias {quoted(alias)} in SOCKETPLANE_ALIASES: each alias must be a "
+                "DNS label, 1 to 63 characters from [a-zA-Z0-9-], not beginning or ending "
+                "with '-'")
+        if alias.lower() not in aliases:
+            aliases.append(alias.lower())
+    return tuple(aliases)
 
 
 def parse_cidr(value: str) -> tuple[ipaddress.IPv4Network, ipaddress.IPv4Address]:
@@ -387,6 +413,10 @@ class Endpoint:
     host: str
     port: str  # OVS port name on this host's bridge
     sandbox: str = ""  # id of the network-only sandbox container holding the namespace
+    # What the DNS server answers for this endpoint; "" and () in records made before names.
+    name: str = ""  # the Docker container name, without Docker's leading '/'
+    hostname: str = ""  # the host name the container has (the sandbox's)
+    aliases: tuple[str, ...] = ()  # SOCKETPLANE_ALIASES, lower case
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -396,7 +426,20 @@ class Endpoint:
             "host": self.host,
             "port": self.port,
             "sandbox": self.sandbox,
+            "name": self.name,
+            "hostname": self.hostname,
+            "aliases": list(self.aliases),
         }
+
+    @property
+    def dns_names(self) -> tuple[str, ...]:
+        """Every name this endpoint answers to, lower case, each once; not all need be
+        DNS labels (a Docker name may hold '_' or '.'), the server only looks them up."""
+        found: list[str] = []
+        for name in (self.name, self.hostname, *self.aliases):
+            if name and name.lower() not in found:
+                found.append(name.lower())
+        return tuple(found)
 
     @classmethod
     def from_json(cls, container_id: str, data: object) -> Endpoint:
@@ -410,6 +453,9 @@ class Endpoint:
             host=_optional_text(fields, "host"),
             port=_optional_text(fields, "port"),
             sandbox=_optional_text(fields, "sandbox"),
+            name=_optional_text(fields, "name"),
+            hostname=_optional_text(fields, "hostname"),
+            aliases=_text_list(fields, "aliases"),
         )
 
 
@@ -505,6 +551,13 @@ def _mac_or_nothing(value: object) -> str:
     # Only an optimisation rides on it (the first packet to that host): a bad one is dropped
     # rather than the whole host record, which tunnels depend on.
     return value if isinstance(value, str) and MAC_PATTERN.fullmatch(value) else ""
+
+
+def _text_list(data: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    value = data.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f"field {key!r} is {json_type(value)}, not an array of strings")
+    return tuple(value)
 
 
 def _optional_text(data: Mapping[str, Any], key: str) -> str:

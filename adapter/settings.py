@@ -45,6 +45,7 @@ class Settings:
     insecure_tcp_gives_root: bool = False
     cleanup: bool = False
     floating_range: str | None = None
+    dns_upstream: tuple[str, ...] = ()  # IP:PORT each; () = the host's resolv.conf at start
     sandbox_image: str = "busybox:latest"
     mtu: int | None = None
     vni_min: int = 256
@@ -115,6 +116,35 @@ def _yes_no(value: str) -> bool:
 def _consul_addr(value: str) -> str:
     # CONSUL_HTTP_ADDR may carry a scheme; the scheme is split off by load_settings.
     return value.strip()
+
+
+def parse_host_port(value: str, default_port: int) -> tuple[str, int]:
+    """``IP``, ``IP:PORT``, ``[IPv6]:PORT`` or a bare IPv6 address; ValueError otherwise."""
+    text = value.strip()
+    port = default_port
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError("expected [IPv6]:PORT")
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        port = int(port_text)
+    else:
+        host = text
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError("expected IP or IP:PORT") from None
+    if not 0 < port < 65536:
+        raise ValueError("the port must be 1 to 65535")
+    return str(address), port
+
+
+def _dns_upstream(value: str) -> str:
+    host, port = parse_host_port(value, 53)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _floating_range(value: str) -> str:
@@ -193,6 +223,10 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("log_level", "--log-level", "debug, info, warning or error (default info)",
            metavar="LEVEL"),
     FLOATING_RANGE,
+    Option("dns_upstream", "--dns-upstream", "resolver the DNS server forwards names that are "
+           "not containers' to; repeatable, tried in order (default: the nameservers of "
+           "/etc/resolv.conf when serve starts)", parse=_dns_upstream, repeatable=True,
+           metavar="IP[:PORT]"),
 )
 
 

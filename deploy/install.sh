@@ -30,8 +30,9 @@ export DEBIAN_FRONTEND=noninteractive
 packages=(docker.io openvswitch-switch busybox-static iproute2 nftables python3-nftables ethtool
           iputils-ping iperf3 curl socat python3-venv python3-pip psmisc procps)
 # The test extra adds: shellcheck, vagrant and systemd-analyze to check deploy/ and vagrant/; debootstrap builds the
-# local base image the container-image test needs (no registry is reachable in CI).
-if [ "$want_test" = 1 ]; then packages+=(shellcheck debootstrap vagrant systemd tcpdump); fi
+# local base image the container-image test needs (no registry is reachable in CI); dnsmasq-base is
+# bench/dns.py's baseline.
+if [ "$want_test" = 1 ]; then packages+=(shellcheck debootstrap vagrant systemd tcpdump dnsmasq-base); fi
 
 # Consul is not in bookworm; bullseye's consul is a real server. A low pin keeps every
 # other package on bookworm. Bullseye comes from the mirror this machine's apt already uses.

@@ -8,8 +8,10 @@ import pytest
 
 from adapter.errors import BadRequest, PowerplaneError
 from adapter.network.create_rewrite import (
+    LABEL_ALIASES,
     CreateRequest,
     OverlayRequest,
+    aliases_label,
     check_compatible,
     overlay_request,
     rewrite_create,
@@ -134,3 +136,59 @@ def test_published_ports_are_read_at_parse_and_refused_there() -> None:
     bad = {**CLI_BODY, "HostConfig": {"PortBindings": {"53/sctp": [{"HostPort": "53"}]}}}
     with pytest.raises(BadRequest, match="sctp is not supported on overlay networks"):
         CreateRequest.parse(bad, app_name=None)
+
+
+def test_aliases_and_hostname_of_a_create() -> None:
+    """SOCKETPLANE_ALIASES is read with the request; the hostname is --hostname or Docker's
+    default, the sandbox's short id; the name loses Docker's '/'."""
+    body = {**CLI_BODY, "Env": [*CLI_BODY["Env"], "SOCKETPLANE_ALIASES=www, Front"]}
+    create = CreateRequest.parse(body, app_name="/web")
+    assert create is not None
+    assert (create.aliases, create.name, create.hostname("f" * 64)) == (
+        ("www", "front"), "web", "web1")
+    plain = CreateRequest.parse({"Image": "busybox", "Env": ["SOCKETPLANE_CIDR=10.0.6.0/24"]},
+                                app_name=None)
+    assert plain is not None
+    assert (plain.aliases, plain.name, plain.hostname("0123456789abcdef")) == (
+        (), "", "0123456789ab")
+
+
+@pytest.mark.parametrize("aliases", ["a_b", "www,", "-x", "a" * 64])
+def test_bad_aliases_are_a_400_before_anything(aliases: str) -> None:
+    body = {"Image": "busybox",
+            "Env": ["SOCKETPLANE_CIDR=10.0.6.0/24", f"SOCKETPLANE_ALIASES={aliases}"]}
+    with pytest.raises(PowerplaneError, match="SOCKETPLANE_ALIASES") as caught:
+        CreateRequest.parse(body, app_name=None)
+    assert caught.value.status == 400
+
+
+def test_aliases_label_is_checked_again() -> None:
+    """Anyone can label a container: a label that holds no DNS labels gives no aliases."""
+    assert aliases_label({LABEL_ALIASES: "www,front"}) == ("www", "front")
+    assert aliases_label({LABEL_ALIASES: "bad_one"}) == ()
+    assert aliases_label({}) == ()
+
+
+def test_sandbox_resolver_is_the_gateway_unless_dns_is_given() -> None:
+    """Dns=[gateway] by default; the user's --dns is kept, as Docker keeps it."""
+    plain = {"Image": "busybox", "Env": ["SOCKETPLANE_CIDR=10.0.6.0/24"]}
+    assert sandbox_spec(plain, image="i", name=None, labels={},
+                        gateway="10.0.6.1").dns == ("10.0.6.1",)
+    assert sandbox_spec(CLI_BODY, image="i", name=None, labels={},
+                        gateway="10.0.6.1").dns == ("10.0.6.53",)
+
+
+@pytest.mark.parametrize("hostname, name, expected", [
+    ("web1", "/web", "web1"),  # --hostname wins
+    (None, "/web", "web"),  # else the name, a DNS label
+    (None, "my_app", None),  # a name that is no DNS label: Docker's default
+    (None, None, None),
+])
+def test_sandbox_hostname(hostname: str | None, name: str | None,
+                          expected: str | None) -> None:
+    body = {"Image": "busybox", "Env": ["SOCKETPLANE_CIDR=10.0.6.0/24"],
+            **({"Hostname": hostname} if hostname else {})}
+    assert sandbox_spec(body, image="i", name=name, labels={}).hostname == expected
+    create = CreateRequest.parse(body, app_name=name)
+    assert create is not None
+    assert create.hostname("0123456789abcdef") == (expected or "0123456789ab")

@@ -34,6 +34,7 @@ WRAPPED: dict[str, str] = {
     "docker": "adapter.network.docker_api",
     "nftables": "adapter.dataplane.nft",
     "ovs": "adapter.dataplane.vswitchd",
+    "dnslib": "adapter.network.dns_wire",
 }
 
 

@@ -14,6 +14,7 @@ from adapter.model import (
     Network,
     mac_for_ip,
     name_for_subnet,
+    parse_aliases,
     parse_cidr,
     validate_name,
 )
@@ -158,3 +159,34 @@ def test_host_underlay_must_be_an_address_or_empty() -> None:
     assert Host.from_json("h", {"underlay_ip": ""}).underlay_ip == ""
     with pytest.raises(ValueError, match="not an IP address"):
         Host.from_json("h", {"underlay_ip": "not-an-ip"})
+
+
+def test_endpoint_names_round_trip_and_old_records_parse() -> None:
+    """An endpoint keeps its name, hostname and aliases; a record from before has none."""
+    endpoint = Endpoint("c1", "n", "10.0.6.2", "02:42:0a:00:06:02", "h1", "ovsc1", "s1",
+                        name="web", hostname="Web", aliases=("www", "front"))
+    assert Endpoint.from_json("c1", endpoint.to_json()) == endpoint
+    assert endpoint.dns_names == ("web", "www", "front")
+    old = {"network": "n", "ip": "10.0.6.2", "mac": "m", "host": "h1", "port": "p",
+           "sandbox": "s1"}
+    parsed = Endpoint.from_json("c1", old)
+    assert (parsed.name, parsed.hostname, parsed.aliases, parsed.dns_names) == ("", "", (), ())
+    with pytest.raises(ValueError, match="aliases"):
+        Endpoint.from_json("c1", {**old, "aliases": "www"})
+    with pytest.raises(ValueError, match="aliases"):
+        Endpoint.from_json("c1", {**old, "aliases": [1]})
+
+
+@pytest.mark.parametrize("value, aliases", [
+    ("www", ("www",)), ("a,B , c-1", ("a", "b", "c-1")), ("x,x,X", ("x",)),
+    ("a" * 63, ("a" * 63,)),
+])
+def test_aliases_are_dns_labels(value: str, aliases: tuple[str, ...]) -> None:
+    assert parse_aliases(value) == aliases
+
+
+@pytest.mark.parametrize("value", ["", "a,", "-a", "a-", "a_b", "a.b", "a" * 64, "a b",
+                                   "é"])
+def test_bad_aliases_are_refused(value: str) -> None:
+    with pytest.raises(InvalidNetwork, match="SOCKETPLANE_ALIASES"):
+        parse_aliases(value)

@@ -110,6 +110,8 @@ async def _info(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             "container": endpoint.container_id if endpoint else "",
             "sandbox": record.container, "ip": ip, "mac": record.mac, "host": record.host,
             "port": endpoint.port if endpoint else "",
+            # What the DNS server on the gateway answers for it (adapter/network/names.py).
+            "names": list(endpoint.dns_names) if endpoint else [],
         })
     if args.json:
         print(json.dumps({**network.to_json(), "endpoints": members}, indent=2))
@@ -125,9 +127,9 @@ async def _info(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         print()
         # An address whose app container is not recorded yet (a create in flight) shows its
         # sandbox instead.
-        rows = [[m["container"][:12] or f"({m['sandbox'][:12]})", m["ip"], m["mac"], m["host"],
-                 m["port"] or "-"] for m in members]
-        print(format_table(["CONTAINER", "IP", "MAC", "HOST", "PORT"], rows))
+        rows = [[m["container"][:12] or f"({m['sandbox'][:12]})", ",".join(m["names"]) or "-",
+                 m["ip"], m["mac"], m["host"], m["port"] or "-"] for m in members]
+        print(format_table(["CONTAINER", "NAMES", "IP", "MAC", "HOST", "PORT"], rows))
     return 0
 
 

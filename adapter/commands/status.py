@@ -15,6 +15,7 @@ from typing import Any
 from adapter.commands.network import format_table
 from adapter.commands.serve import STATUS_FILE_NAME
 from adapter.errors import PowerplaneError
+from adapter.model import Endpoint
 from adapter.network.readiness import StatusFile
 from adapter.network.state import State
 from adapter.settings import CONSUL_OPTIONS, SERVE_OPTIONS, Option, add_options, load_settings
@@ -44,6 +45,28 @@ async def _check(report: dict[str, Any], name: str, probe: Awaitable[Any]) -> An
         return None
     report[name] = {"ok": True}
     return result
+
+
+async def _dns(serve: Mapping[str, Any] | None,
+               endpoints: list[Endpoint] | None) -> list[dict[str, Any]]:
+    """The DNS server on each gateway as serve reports it, asked whether it answers, with the
+    number of names it serves (from Consul, as its cache holds them; None without Consul)."""
+    # Imported here: see _status.
+    from adapter.network.dns_forward import probe
+    from adapter.network.names import index
+
+    names = index(endpoints or [])
+    found: list[dict[str, Any]] = []
+    for entry in (serve or {}).get("dns") or []:
+        network, address = str(entry.get("network", "")), str(entry.get("address", ""))
+        if entry.get("error"):
+            condition = f"FAIL: {entry['error']}"
+        else:
+            condition = "answering" if await probe(address) else "FAIL: no answer"
+        records = len(names[network].forward) if network in names else 0
+        found.append({"network": network, "address": address, "state": condition,
+                      "records": None if endpoints is None else records})
+    return found
 
 
 async def _status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
@@ -76,8 +99,9 @@ async def _status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         if checks["ovs"]["ok"]:
             tunnels = await dataplane.tunnels()
             plugged = await dataplane.plugged()
-        endpoints = (await state.endpoints.all(host=settings.host_id)
-                     if checks["consul"]["ok"] else [])
+        every = await state.endpoints.all() if checks["consul"]["ok"] else []
+        endpoints = [e for e in every if e.host == settings.host_id]
+        dns = await _dns(serve, every if checks["consul"]["ok"] else None)
     finally:
         await state.close()
         await docker.close()
@@ -92,6 +116,7 @@ async def _status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             "ports": [{"port": p.port, "container": p.container_id, "network": p.network,
                        "ip": p.ip} for p in plugged or []],
             "endpoints": [{"container": e.container_id, **e.to_json()} for e in endpoints],
+            "dns": dns,
         }, indent=2))
         return 0 if ok else 1
     print(f"host {settings.host_id}")
@@ -109,6 +134,12 @@ async def _status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             print(format_table(["PORT", "HOST", "REMOTE IP", "NETWORK", "VNI"],
                                [[t.port, t.host_id, t.remote_ip, t.network, str(t.vni)]
                                 for t in tunnels]))
+    print(f"\ndns ({len(dns)})")
+    if dns:
+        print(format_table(["NETWORK", "ADDRESS", "STATE", "RECORDS"],
+                           [[d["network"], f"{d['address']}:53", d["state"],
+                             "?" if d["records"] is None else str(d["records"])]
+                            for d in dns]))
     print(f"\nendpoints ({len(endpoints)})")
     if endpoints:
         print(format_table(["CONTAINER", "NETWORK", "IP", "PORT", "SANDBOX"],

@@ -29,6 +29,7 @@ before the gateway gets its address, and are dropped after the port is gone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import Iterable
@@ -192,6 +193,10 @@ class DataPlane:
         self._published: tuple[PublishedPort, ...] = ()
         self._floating: tuple[FloatingAddress, ...] = ()
         self._overlays: tuple[str, ...] = ()  # every network's subnet, as last listed
+        # Bumped whenever a gateway port is made or removed, for whoever follows them (the
+        # DNS server listens on their addresses); the event is replaced after each change.
+        self._gateway_generation = 0
+        self._gateway_moved = asyncio.Event()
 
     async def start(self) -> None:
         """Connect to OVS; ensure the bridge (and, with netdev, the underlay bridge)."""
@@ -287,6 +292,8 @@ class DataPlane:
                 await self._apply_firewall([*(p for p in ports if p.name != gateway.name),
                                             gateway])
             await self.ovs.apply(self.bridge, ensure=wanted)
+            if len(wanted) > 1:
+                self._gateways_moved()
         await self._gateway_up(gateway)
         return PluggedPort(container_id, port, network.name, network.vni, ip, mac, tag)
 
@@ -308,6 +315,7 @@ class DataPlane:
                                and str(g.vni) == vni]
             await self.ovs.apply(self.bridge, delete=delete)
             if len(delete) > 1:
+                self._gateways_moved()
                 await self._apply_firewall([p for p in ports if p.name not in delete])
         await links.delete_link(port)
 
@@ -393,6 +401,7 @@ class DataPlane:
             if await self.ovs.bridge_exists(self.bridge):
                 await self.ovs.apply(self.bridge, delete=[
                     p.name for p in await self._ports() if _gateway(p) is not None])
+                self._gateways_moved()
             await self.firewall.remove()
 
     async def _apply_firewall(self, ports: Iterable[OvsPort]) -> bool:
@@ -408,6 +417,24 @@ class DataPlane:
     async def gateways(self) -> list[Gateway]:
         """Every gateway port the bridge holds."""
         return [g for port in await self._ports() if (g := _gateway(port)) is not None]
+
+    def gateway_generation(self) -> int:
+        """A number that changes whenever a gateway port is made or removed here."""
+        return self._gateway_generation
+
+    async def gateways_changed(self, since: int, seconds: float) -> None:
+        """Return once the gateways changed after ``since`` (a ``gateway_generation``), or
+        after ``seconds``: ports removed behind our back are only seen by looking."""
+        if self._gateway_generation != since:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._gateway_moved.wait()
+
+    def _gateways_moved(self) -> None:
+        self._gateway_generation += 1
+        moved, self._gateway_moved = self._gateway_moved, asyncio.Event()
+        moved.set()
 
     async def set_gateways(self, networks: Iterable[Network]) -> list[str]:
         """Gateway ports for exactly the networks with container ports here, each addressed.
@@ -445,6 +472,8 @@ class DataPlane:
             await self.ovs.apply(self.bridge, ensure=to_ensure, delete=to_delete)
             if to_delete:
                 await self._apply_firewall(wanted.values())
+            if to_ensure or to_delete:
+                self._gateways_moved()
             changed = {p.name for p in to_ensure} | set(to_delete)
             for port in wanted.values():
                 if await self._gateway_up(port):

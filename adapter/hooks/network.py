@@ -26,6 +26,7 @@ from adapter.errors import BadRequest, NetworkNotFound, PowerplaneError
 from adapter.network.create_rewrite import (
     LABEL_CIDR,
     LABEL_GATEWAY,
+    LABEL_HOSTNAME,
     LABEL_IP,
     LABEL_MAC,
     LABEL_NETWORK,
@@ -33,6 +34,7 @@ from adapter.network.create_rewrite import (
     LABEL_PORTS,
     LABEL_SANDBOX,
     CreateRequest,
+    aliases_label,
 )
 from adapter.network.docker_api import Docker
 from adapter.network.endpoints import EndpointManager
@@ -65,6 +67,12 @@ def _body(container: Mapping[str, Any]) -> Any:
         except RecursionError:
             raise BadRequest("request body is nested too deeply to be read") from None
     return raw
+
+
+def _query_name(request: Mapping[str, Any]) -> str:
+    """The ``?name=`` of a create, "" when Docker picks the name."""
+    names = parse_qs(urlsplit(str(request.get("Request", ""))).query).get("name")
+    return names[0].lstrip("/") if names else ""
 
 
 def _encode_like(original: Any, value: Any) -> Any:
@@ -138,7 +146,10 @@ class NetworkHook:
             return
         await self._endpoints.commit(app_id=app_id, network=network, ip=ip,
                                      mac=labels.get(LABEL_MAC, ""),
-                                     port=labels.get(LABEL_PORT, ""), sandbox_id=sandbox_id)
+                                     port=labels.get(LABEL_PORT, ""), sandbox_id=sandbox_id,
+                                     name=_query_name(request),
+                                     hostname=labels.get(LABEL_HOSTNAME, ""),
+                                     aliases=aliases_label(labels))
 
     async def _pre_start(self, container: str) -> None:
         sandbox_id = self._endpoints.sandbox_of(container)

@@ -25,6 +25,7 @@ from adapter.dataplane.switch import port_name
 from adapter.errors import PowerplaneError
 from adapter.network.create_rewrite import (
     LABEL_HOST,
+    LABEL_HOSTNAME,
     LABEL_IP,
     LABEL_MAC,
     LABEL_NETWORK,
@@ -32,6 +33,7 @@ from adapter.network.create_rewrite import (
     LABEL_ROLE,
     LABEL_SANDBOX,
     SANDBOX_ROLE,
+    aliases_label,
 )
 from adapter.network.docker_api import Docker
 from adapter.network.endpoints import DataPlaneLike, EndpointManager
@@ -188,7 +190,8 @@ class HostAgent:
             await self._endpoints.commit(
                 app_id=app_id, network=labels.get(LABEL_NETWORK, ""), ip=labels.get(LABEL_IP, ""),
                 mac=labels.get(LABEL_MAC, ""), port=labels.get(LABEL_PORT, ""),
-                sandbox_id=labels[LABEL_SANDBOX])
+                sandbox_id=labels[LABEL_SANDBOX], name=_listed_name(app),
+                hostname=labels.get(LABEL_HOSTNAME, ""), aliases=aliases_label(labels))
             report.restored_endpoints.append(app_id[:12])
 
         for sandbox_id, sandbox in sandboxes.items():
@@ -239,3 +242,10 @@ class HostAgent:
                     await self._endpoints.release_if_owned(network.name, ip, record.container)
                     report.released_addresses.append(f"{network.name}/{ip}")
         return report
+
+
+def _listed_name(container: Mapping[str, Any]) -> str:
+    """A listed container's name without Docker's '/'; "" when the listing has none."""
+    names = container.get("Names")
+    first = names[0] if isinstance(names, list) and names else ""
+    return first.lstrip("/") if isinstance(first, str) else ""

@@ -16,13 +16,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapter.errors import BadRequest
-from adapter.model import QUOTE_MAX, json_type, parse_cidr, quoted, validate_name
+from adapter.errors import BadRequest, InvalidNetwork
+from adapter.model import (
+    QUOTE_MAX,
+    is_dns_label,
+    json_type,
+    parse_aliases,
+    parse_cidr,
+    quoted,
+    validate_name,
+)
 from adapter.network.docker_api import SandboxSpec
 from adapter.network.ports import PortRequest
 
 CIDR_VAR = "SOCKETPLANE_CIDR"
 NETWORK_VAR = "SOCKETPLANE_NETWORK"
+ALIASES_VAR = "SOCKETPLANE_ALIASES"
 
 LABEL_PREFIX = "io.powerplane."
 LABEL_ROLE = LABEL_PREFIX + "role"  # "sandbox" on sandboxes
@@ -37,6 +46,10 @@ LABEL_HOST = LABEL_PREFIX + "host"
 LABEL_APP_NAME = LABEL_PREFIX + "app-name"
 LABEL_CREATION = LABEL_PREFIX + "creation"  # on sandboxes: a token naming the create in flight
 LABEL_PORTS = LABEL_PREFIX + "ports"  # on apps: -p/-P/--expose, as adapter.network.ports says
+# On apps: what the DNS server answers for them besides their name (the create moves the
+# hostname onto the sandbox, so the app's own Config no longer tells it).
+LABEL_HOSTNAME = LABEL_PREFIX + "hostname"
+LABEL_ALIASES = LABEL_PREFIX + "aliases"  # comma-separated, as SOCKETPLANE_ALIASES
 SANDBOX_ROLE = "sandbox"
 
 # Network modes that mean "Docker's default"; anything else is the user's explicit choice.
@@ -93,6 +106,25 @@ def overlay_request(body: Mapping[str, Any]) -> OverlayRequest | None:
     return OverlayRequest(cidr=cidr, network=network)
 
 
+def aliases_label(labels: Mapping[str, str]) -> tuple[str, ...]:
+    """The aliases an app's label holds; a label anyone could have set is checked again, and
+    one that does not hold DNS labels gives none."""
+    text = labels.get(LABEL_ALIASES) or ""
+    try:
+        return parse_aliases(text) if text.strip() else ()
+    except InvalidNetwork:
+        return ()
+
+
+def aliases_of(body: Mapping[str, Any]) -> tuple[str, ...]:
+    """``SOCKETPLANE_ALIASES=a,b`` of an overlay create (its Env already checked), validated."""
+    for entry in body.get("Env") or ():
+        key, _, value = entry.partition("=")
+        if key == ALIASES_VAR and value.strip():
+            return parse_aliases(value)
+    return ()
+
+
 def _of_type(value: Any, kind: type | tuple[type, ...], field: str, expected: str) -> Any:
     """``value`` if it is null or of ``kind``; BadRequest naming ``field`` otherwise."""
     if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
@@ -146,9 +178,29 @@ def check_compatible(body: Mapping[str, Any]) -> None:
                          "is derived from the container's overlay IP")
 
 
+def default_hostname(body: Mapping[str, Any], name: str | None) -> str | None:
+    """The sandbox's host name, which Docker gives the app too (it copies the hostname of the
+    container whose network it joins): the user's ``--hostname``, else the app's name when
+    that is a DNS label, else None (Docker's default, the sandbox's short id).
+
+    Why the name: Docker would give the app its own short id, but that id does not exist
+    until after the sandbox is made, and a host name cannot be changed from outside a running
+    container without reaching into its namespaces. The name is what the user chose and what
+    the container resolves by anyway.
+    """
+    hostname = body.get("Hostname")
+    if isinstance(hostname, str) and hostname:
+        return hostname
+    plain = (name or "").lstrip("/")
+    return plain if is_dns_label(plain) else None
+
+
 def sandbox_spec(body: Mapping[str, Any], *, image: str, name: str | None,
-                 labels: Mapping[str, str]) -> SandboxSpec:
-    """The sandbox for this request: it takes the options Docker forbids on the app itself."""
+                 labels: Mapping[str, str], gateway: str | None = None) -> SandboxSpec:
+    """The sandbox for this request: it takes the options Docker forbids on the app itself.
+
+    Its resolver is the network's gateway (the DNS server of this host) unless the user gave
+    ``--dns``: theirs are kept, as Docker keeps them on its own networks."""
     host_config = body.get("HostConfig") or {}
     restart = host_config.get("RestartPolicy") or {}
     # A sandbox must outlive restarts of its app; "no" and on-failure would let it stay dead.
@@ -158,9 +210,9 @@ def sandbox_spec(body: Mapping[str, Any], *, image: str, name: str | None,
         image=image,
         name=f"{name}-powerplane" if name else None,
         labels=dict(labels),
-        hostname=body.get("Hostname") or None,
+        hostname=default_hostname(body, name),
         domainname=body.get("Domainname") or None,
-        dns=tuple(host_config.get("Dns") or ()),
+        dns=tuple(host_config.get("Dns") or ((gateway,) if gateway else ())),
         dns_search=tuple(host_config.get("DnsSearch") or ()),
         dns_options=tuple(host_config.get("DnsOptions") or ()),
         extra_hosts=tuple(host_config.get("ExtraHosts") or ()),
@@ -194,6 +246,17 @@ class CreateRequest:
     body: Mapping[str, Any]
     app_name: str | None
     ports: PortRequest = field(default_factory=PortRequest)
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """The container's name as Docker lists it without the '/', "" when Docker picks it."""
+        return (self.app_name or "").lstrip("/")
+
+    def hostname(self, sandbox_id: str) -> str:
+        """The host name the app will have: Docker copies its sandbox's (``default_hostname``,
+        or Docker's default, the sandbox's short id)."""
+        return default_hostname(self.body, self.app_name) or sandbox_id[:12]
 
     @property
     def image(self) -> str | None:
@@ -216,10 +279,12 @@ class CreateRequest:
             return None
         check_types(body, app_name=app_name)
         check_compatible(body)
-        return cls(overlay, body, app_name, PortRequest.parse(body))
+        return cls(overlay, body, app_name, PortRequest.parse(body), aliases_of(body))
 
-    def sandbox(self, *, image: str, labels: Mapping[str, str]) -> SandboxSpec:
-        return sandbox_spec(self.body, image=image, name=self.app_name, labels=labels)
+    def sandbox(self, *, image: str, labels: Mapping[str, str],
+                gateway: str | None = None) -> SandboxSpec:
+        return sandbox_spec(self.body, image=image, name=self.app_name, labels=labels,
+                            gateway=gateway)
 
     def rewritten(self, *, sandbox_id: str, labels: Mapping[str, str]) -> dict[str, Any]:
         return rewrite_create(self.body, sandbox_id=sandbox_id, labels=labels)

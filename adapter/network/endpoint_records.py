@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from typing import Any
 
 from adapter.model import Endpoint, quoted
 from adapter.network.addresses import ip_sort_key
 from adapter.network.consul_kv import ConsulKV, safe_key
+from adapter.network.watch import watch
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +35,24 @@ class EndpointRecords:
 
     async def all(self, *, host: str | None = None) -> list[Endpoint]:
         """Every endpoint (of ``host``, if given), by network and address."""
-        endpoints = [
-            endpoint
-            for container_id, value in (await self._kv.items("endpoints/")).items()
-            if (endpoint := _endpoint(container_id, value)) is not None
-            and (host is None or endpoint.host == host)
-        ]
-        return sorted(endpoints, key=lambda e: (e.network, ip_sort_key(e.ip)))
+        endpoints = parse_endpoints(await self._kv.items("endpoints/"))
+        return [e for e in endpoints if host is None or e.host == host]
+
+    def watch(self) -> AsyncIterator[list[Endpoint]]:
+        """Every endpoint now and after every change; rides out Consul outages."""
+        return watch(self._kv, "endpoints/", parse_endpoints)
 
     async def hosts_holding(self) -> set[str]:
         """The ids of the hosts that Consul records endpoints on."""
         return {endpoint.host for endpoint in await self.all()}
+
+
+def parse_endpoints(items: dict[str, Any]) -> list[Endpoint]:
+    """The endpoints of a listing of ``endpoints/``, by network and address; damaged records
+    are left out (and logged)."""
+    endpoints = [endpoint for container_id, value in items.items()
+                 if (endpoint := _endpoint(container_id, value)) is not None]
+    return sorted(endpoints, key=lambda e: (e.network, ip_sort_key(e.ip)))
 
 
 def _endpoint(container_id: str, data: object) -> Endpoint | None:

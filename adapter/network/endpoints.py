@@ -29,11 +29,13 @@ from adapter.dataplane.switch import port_name
 from adapter.errors import BadRequest, NetworkNotFound, PowerplaneError
 from adapter.model import Endpoint, Network
 from adapter.network.create_rewrite import (
+    LABEL_ALIASES,
     LABEL_APP_NAME,
     LABEL_CIDR,
     LABEL_CREATION,
     LABEL_GATEWAY,
     LABEL_HOST,
+    LABEL_HOSTNAME,
     LABEL_IP,
     LABEL_MAC,
     LABEL_NETWORK,
@@ -103,6 +105,8 @@ class Attachment:
     port: str
     sandbox_id: str
     ports: PublishedPorts = field(default_factory=PublishedPorts)
+    hostname: str = ""
+    aliases: tuple[str, ...] = ()
 
     def app_labels(self, host_id: str) -> dict[str, str]:
         return {
@@ -117,6 +121,8 @@ class Attachment:
             # Set even when empty: an image committed from an overlay app carries its ports
             # label, which would otherwise publish that app's ports again.
             LABEL_PORTS: self.ports.encode() if self.ports else "",
+            LABEL_HOSTNAME: self.hostname,
+            LABEL_ALIASES: ",".join(self.aliases),
         }
 
 
@@ -234,7 +240,8 @@ class EndpointManager:
             raise
         log.info("sandbox %s on %s holds %s", sandbox_id[:12], network.name, ip)
         return Attachment(network=network, ip=ip, mac=port.mac, port=port.port,
-                          sandbox_id=sandbox_id, ports=claim.ports)
+                          sandbox_id=sandbox_id, ports=claim.ports,
+                          hostname=request.hostname(sandbox_id), aliases=request.aliases)
 
     async def _create_sandbox(self, request: CreateRequest, network: Network) -> str:
         labels = {
@@ -245,7 +252,8 @@ class EndpointManager:
         if request.app_name:
             labels[LABEL_APP_NAME] = request.app_name
         token = labels[LABEL_CREATION] = secrets.token_hex(8)
-        spec = request.sandbox(image=self._settings.sandbox_image, labels=labels)
+        spec = request.sandbox(image=self._settings.sandbox_image, labels=labels,
+                               gateway=network.gateway)
         self._creating.add(token)
         try:
             sandbox_id = await self._docker.create_sandbox(spec)
@@ -255,14 +263,17 @@ class EndpointManager:
         return sandbox_id
 
     async def commit(self, *, app_id: str, network: str, ip: str, mac: str, port: str,
-                     sandbox_id: str) -> None:
-        """The app container exists: record the endpoint under its id."""
+                     sandbox_id: str, name: str = "", hostname: str = "",
+                     aliases: tuple[str, ...] = ()) -> None:
+        """The app container exists: record the endpoint under its id, with the names the
+        DNS server answers for it."""
         claim = self._port_claims.pop(sandbox_id, None)
         if claim is not None:
             self._ports.settle(claim)
         await self._state.endpoints.put(Endpoint(
             container_id=app_id, network=network, ip=ip, mac=mac, host=self.host_id,
-            port=port, sandbox=sandbox_id))
+            port=port, sandbox=sandbox_id, name=name.lstrip("/"), hostname=hostname,
+            aliases=aliases))
         self._committed_at[sandbox_id] = time.monotonic()
         self._pending.pop(sandbox_id, None)
         self._sandbox_of_app[app_id] = sandbox_id

@@ -64,6 +64,12 @@ class Readiness:
         self.waiting_reasons.pop(part, None)
         self._notify()
 
+    def set_details(self, **details: Any) -> None:
+        """Facts that changed while running (what the DNS server listens on); observers hear."""
+        if any(self.details.get(key) != value for key, value in details.items()):
+            self.details.update(details)
+            self._notify()
+
     def mark_waiting(self, part: str, reason: str) -> None:
         """``part`` is not up (yet, or any more); ``reason`` is what a waiter is told."""
         was_up = self._events[part].is_set()

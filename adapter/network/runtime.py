@@ -9,7 +9,8 @@ One start sequence, whether or not other hosts exist:
     3. follow the host and network lists into VXLAN tunnels (only with an underlay IP: a host
        without one has no address for tunnels to end at), and run the host agent (Docker
        events and periodic reconciliation), and answer for the floating addresses attached to
-       containers here
+       containers here, and answer DNS on every gateway address of this host from the name
+       cache (which follows Consul on its own and keeps its last names while Consul is down)
 
 Neither Consul nor OVS has to be up for the proxy to serve plain Docker traffic. A create that
 arrives while the data plane is coming up waits for it (``dataplane_wait``), then fails with
@@ -31,9 +32,12 @@ from adapter.dataplane.switch import DataPlane
 from adapter.errors import PowerplaneError
 from adapter.model import Host
 from adapter.network.agent import HostAgent
+from adapter.network.dns_forward import Forwarder, host_upstreams, parse_upstream
+from adapter.network.dns_server import DnsServer, ListenerState, Resolver
 from adapter.network.docker_api import Docker
 from adapter.network.endpoints import EndpointManager
 from adapter.network.floating_host import FloatingFollower
+from adapter.network.names import NameCache
 from adapter.network.readiness import CONSUL, DATAPLANE, Readiness
 from adapter.network.state import State
 from adapter.network.tunnels import TunnelReconciler
@@ -75,6 +79,20 @@ async def host_runtime(settings: Settings, readiness: Readiness) -> AsyncIterato
         agent = HostAgent(settings, state=state, dataplane=dataplane, docker=docker,
                           endpoints=endpoints)
 
+        names = NameCache(state.endpoints.watch)
+
+        def dns_listening(listening: list[ListenerState]) -> None:
+            readiness.set_details(dns=[{"network": entry.network, "address": entry.address,
+                                        "error": entry.error} for entry in listening])
+
+        async def dns() -> None:
+            upstreams = (tuple(parse_upstream(u) for u in settings.dns_upstream)
+                         or await host_upstreams())
+            log.info("DNS: forwarding to %s", ", ".join(map(str, upstreams)) or "nobody")
+            server = DnsServer(Resolver(names, Forwarder(upstreams)), dataplane,
+                               interval=settings.reconcile_interval, on_change=dns_listening)
+            await server.run()
+
         async def start_sequence() -> None:
             await _retry(dataplane.start, readiness, DATAPLANE,
                          f"Open vSwitch at {settings.ovsdb}, bridge {settings.bridge}")
@@ -90,6 +108,8 @@ async def host_runtime(settings: Settings, readiness: Readiness) -> AsyncIterato
                 tasks.create_task(FloatingFollower(settings, state=state,
                                                    dataplane=dataplane).run(),
                                   name="powerplane-floating")
+                tasks.create_task(names.run(), name="powerplane-names")
+                tasks.create_task(dns(), name="powerplane-dns")
 
         task = asyncio.create_task(start_sequence(), name="powerplane-host-runtime")
         task.add_done_callback(_report_death)
