@@ -273,7 +273,8 @@ class Listener:
             task.cancel()
         if self._tcp is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._tcp.wait_closed(), 1.0)
+                async with asyncio.timeout(1.0):  # not wait_for: it can lose a cancellation
+                    await self._tcp.wait_closed()
 
 
 @dataclass(frozen=True, slots=True)
