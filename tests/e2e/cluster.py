@@ -16,7 +16,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,10 +95,19 @@ class Host:
                     and status.get("pid") == self.serve.pid)
 
     def kill_serve(self, sig: int = signal.SIGTERM) -> None:
-        if self.serve is not None and self.serve.poll() is None:
-            os.killpg(self.serve.pid, sig)
-            self.serve.wait(20)
-        self.serve = None
+        """Send ``sig`` to serve and reap it. One that has not exited 20 s later is SIGKILLed,
+        so nothing outlives the lab, and the stop is reported as the failure it is."""
+        serve, self.serve = self.serve, None
+        if serve is None or serve.poll() is not None:
+            return
+        os.killpg(serve.pid, sig)
+        try:
+            serve.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait(10)
+            raise AssertionError(f"{self.name}: serve did not exit within 20 s of signal "
+                                 f"{sig}:\n{self.serve_log()[-3000:]}") from None
 
     def serve_log(self) -> str:
         path = self.dir / "serve.log"
@@ -136,9 +145,9 @@ class Host:
         return self.docker_cli("ps", "-aq", "--no-trunc", *filters, direct=True).stdout.split()
 
     def stop(self) -> None:
-        self.kill_serve()
-        self.docker.stop()
-        self.ovs.stop()
+        """Stop serve, dockerd and OVS: each one even when an earlier one failed; the first
+        failure is raised afterwards."""
+        _all_of(self.kill_serve, self.docker.stop, self.ovs.stop)
 
     # -- faults: one host's daemons stopped, killed and started again ---------------------------
 
@@ -262,18 +271,29 @@ class E2ELab:
         return {item["Key"]: item for item in json.loads(result.stdout)}
 
     def close(self, check: bool = True) -> None:
-        for host in self.hosts:
-            host.stop()
-        for agent in self.consul:
-            agent.stop()
-        self.underlay.close(check=check)
-        shutil.rmtree(self.sockets, ignore_errors=True)
+        """Stop every host and Consul agent, then remove the namespaces: all of it even when a
+        step fails (a serve that would not stop left the whole lab behind once)."""
+        _all_of(*(host.stop for host in self.hosts), *(agent.stop for agent in self.consul),
+                lambda: self.underlay.close(check=check),
+                lambda: shutil.rmtree(self.sockets, ignore_errors=True))
 
     def __enter__(self) -> E2ELab:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close(check=exc_info[0] is None)
+
+
+def _all_of(*steps: Callable[[], object]) -> None:
+    """Run every step; raise the first failure once all have run."""
+    failures: list[BaseException] = []
+    for step in steps:
+        try:
+            step()
+        except Exception as exc:  # collected, raised below
+            failures.append(exc)
+    if failures:
+        raise failures[0]
 
 
 def _cmdline(pid: int) -> list[str]:
