@@ -18,7 +18,10 @@ once, inside the wrapper module that owns that library; nothing else sees them.
     │   ├── NetworkConflict         name, subnet or VNI already taken; network in use         409
     │   ├── PoolExhausted           no free address left in a network                        409
     │   ├── FloatingIPNotFound      no such floating address, or no such container           404
-    │   └── FloatingIPConflict      address taken, attached elsewhere, or still attached     409
+    │   ├── FloatingIPConflict      address taken, attached elsewhere, or still attached     409
+    │   ├── InvalidGroup            malformed group name, rule, port range or source          400
+    │   ├── GroupNotFound                                                                    404
+    │   └── GroupConflict           group exists already, or is still in use                 409
     ├── DataPlaneError              Open vSwitch or netlink refused a change                  500
     └── NotReady                    a part of this host (data plane, Consul) is still starting 503
 """
@@ -124,6 +127,24 @@ class FloatingIPNotFound(StateError):
 
 class FloatingIPConflict(StateError):
     """The floating address exists already, is attached elsewhere, or is still attached."""
+
+    status = 409
+
+
+class InvalidGroup(StateError):
+    """A security group name, rule, port range or source is malformed."""
+
+    status = 400
+
+
+class GroupNotFound(StateError):
+    """No security group with that name exists."""
+
+    status = 404
+
+
+class GroupConflict(StateError):
+    """The group exists already, or containers or other groups' rules still use it."""
 
     status = 409
 

@@ -417,6 +417,7 @@ class Endpoint:
     name: str = ""  # the Docker container name, without Docker's leading '/'
     hostname: str = ""  # the host name the container has (the sandbox's)
     aliases: tuple[str, ...] = ()  # SOCKETPLANE_ALIASES, lower case
+    groups: tuple[str, ...] = ()  # SOCKETPLANE_GROUPS: security groups; () accepts all
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -429,6 +430,7 @@ class Endpoint:
             "name": self.name,
             "hostname": self.hostname,
             "aliases": list(self.aliases),
+            "groups": list(self.groups),
         }
 
     @property
@@ -456,6 +458,7 @@ class Endpoint:
             name=_optional_text(fields, "name"),
             hostname=_optional_text(fields, "hostname"),
             aliases=_text_list(fields, "aliases"),
+            groups=_text_list(fields, "groups"),
         )
 
 
