@@ -9,7 +9,10 @@ Consistency, per read: a single-key ``get`` is consistent by default (the leader
 still the leader and has applied its whole log), because those reads decide what a write does
 next: does the network exist, who holds this address. A leader elected a moment ago answers them
 "not ready" rather than from a state store still being replayed, which would turn "could not
-read" into "does not exist". Listings for display and watches may be stale-ish (default mode).
+read" into "does not exist". Listings for display may be stale-ish (default mode); a watch's
+first listing, and its first after an outage, are consistent (the reconcilers act on them:
+an empty listing from a half-replayed store would remove every tunnel), the blocking queries
+that follow are default mode.
 
 Elections: while a cluster has no leader, or its new leader is not ready, Consul answers 500.
 Those answers, and a connection reset mid-request, are retried with backoff for up to
@@ -198,12 +201,19 @@ class ConsulKV:
         start = len(self.prefix + folder)
         return [key[start:] for key in keys or ()]
 
-    async def wait_for_change(self, folder: str, index: int | None) -> Listing:
-        """A blocking query: the folder once its index passes ``index`` (or after the wait)."""
+    async def wait_for_change(self, folder: str, index: int | None, *,
+                              consistent: bool = False) -> Listing:
+        """A blocking query: the folder once its index passes ``index`` (or after the wait).
+
+        With ``index`` None it is a plain read, ``consistent`` if asked: what a watch reads
+        first, and again after an outage, must come from a leader that has applied its log.
+        """
         prefix = self.prefix + folder
+        mode = "consistent" if consistent else None
 
         def request(c: consul.aio.Consul) -> Any:
-            return c.kv.get(prefix, recurse=True, index=index, wait=f"{WATCH_WAIT_SECONDS}s")
+            return c.kv.get(prefix, recurse=True, index=index, wait=f"{WATCH_WAIT_SECONDS}s",
+                            consistency=mode)
 
         # The watch loop has its own backoff and starts over after an outage.
         new_index, items = await self._call(request, retry=False,

@@ -24,14 +24,16 @@ async def watch(
     """Yield ``parse(folder)`` now and after every change to it, forever.
 
     While Consul does not answer, nothing is yielded (the last value stands) and the query is
-    retried with backoff; an index that goes backwards (a rebuilt cluster) starts over.
+    retried with backoff; an index that goes backwards (a rebuilt cluster) starts over. Every
+    start-over reads consistently: after an election, a default-mode answer can come from a
+    leader still replaying its log, and an empty folder read then would be acted on as truth.
     """
     index: int | None = None
     last: list[T] | None = None
     backoff = BACKOFF_MIN
     while True:
         try:
-            listing = await kv.wait_for_change(folder, index)
+            listing = await kv.wait_for_change(folder, index, consistent=index is None)
         except StateError as exc:
             log.warning("watching %s%s: %s; retrying in %.1f s", kv.prefix, folder, exc, backoff)
             await asyncio.sleep(backoff)

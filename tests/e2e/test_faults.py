@@ -390,7 +390,9 @@ def test_host_reboot(lab: E2ELab) -> None:
     wait_ping(c, "rb-kept", peer)
     wait_ping(a, "rb-peer", kept)
     for other in (a, lab.hosts[1]):
-        assert tunnels_to(other, c.netns.ip), f"{other.name} has no tunnel to {c.name}"
+        # c registers again asynchronously once its Consul has a leader: tunnels follow.
+        wait_for(f"{other.name} has a tunnel to {c.name}",
+                 lambda other=other: bool(tunnels_to(other, c.netns.ip)))
     assert_consistent(lab)
     remove(c, "rb-kept")
     remove(a, "rb-peer")
