@@ -27,10 +27,13 @@ class ReplayingLeaderKV:
 
     def __init__(self) -> None:
         self.calls: list[tuple[int | None, bool]] = []
+        self.five_calls = asyncio.Event()
 
     async def wait_for_change(self, folder: str, index: int | None, *,
                               consistent: bool = False) -> Listing:
         self.calls.append((index, consistent))
+        if len(self.calls) >= 5:
+            self.five_calls.set()
         if len(self.calls) == 2:
             raise StateError("Unexpected response code: 500 (rpc error making call: EOF)")
         if index is None and not consistent:
@@ -55,8 +58,7 @@ async def test_reads_after_an_error_are_consistent(monkeypatch: Any) -> None:
             seen.append(value)
 
     task = asyncio.create_task(follow())
-    while len(kv.calls) < 5:
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(kv.five_calls.wait(), 10)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     # Never an empty listing: the first read and the one after the error were consistent.
