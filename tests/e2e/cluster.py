@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +28,8 @@ from tests.support.images import import_busybox
 from tests.support.ovs import OvsInstance
 
 REPO = Path(__file__).resolve().parents[2]
-POWERPLANE = str(Path(os.environ.get("POWERPLANE_VENV", "/opt/powerplane")) / "bin" / "powerplane")
+# The powerplane of the environment running the tests, as tests/support/serve.py finds it.
+POWERPLANE = str(Path(sys.executable).with_name("powerplane"))
 DOCKER = shutil.which("docker") or "/usr/local/bin/docker"
 RECONCILE_INTERVAL = 3.0
 # Outside addresses of the lab's underlay (192.168.50.0/24) that floating IPs come from.
