@@ -1,6 +1,6 @@
 """Powerplane: multi-host overlay networking for Docker.
 
-    adapter/                   foundation: errors, settings, model (shared by every layer)
+    adapter/                   foundation: errors, settings, model, groups (shared by all)
     adapter/proxy/             the Docker API proxy            (knows no network code)
     adapter/dataplane/         OVS, links, tunnels, underlay   (knows no Consul, Docker, proxy)
     adapter/network/           Consul state, IPAM, endpoints, agent; uses dataplane

@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "adapter"
 
-FOUNDATION = {"adapter", "adapter.errors", "adapter.settings", "adapter.model"}
+FOUNDATION = {"adapter", "adapter.errors", "adapter.settings", "adapter.model", "adapter.groups"}
 
 # Layer → the layers it may import (always: itself and the foundation).
 ALLOWED: dict[str, set[str]] = {
@@ -140,3 +140,39 @@ def test_the_check_catches_an_import_against_the_direction(module: str, source: 
 ])
 def test_the_check_allows_imports_along_the_direction(module: str, source: str) -> None:
     assert violations(source, module, set(package_modules())) == []
+
+
+# Programs product code may start, and the one module that starts each. OVS's and the kernel's
+# configuration go through their libraries (ovsdbapp, pyroute2); only OpenFlow has none fit for
+# asyncio (adapter/dataplane/openflow.py says why).
+PROGRAMS: dict[str, str] = {"ovs-ofctl": "adapter.dataplane.openflow"}
+STARTS_PROCESSES = ("subprocess", "create_subprocess_exec", "create_subprocess_shell", "system",
+                    "popen", "Popen", "execv", "execvp", "spawnv")
+
+
+def starts_processes(source: str) -> bool:
+    """True when ``source`` imports subprocess or calls something that starts a program."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+            if any(name.split(".")[0] == "subprocess" for name in names):
+                return True
+        if isinstance(node, ast.Attribute) and node.attr in STARTS_PROCESSES:
+            return True
+    return False
+
+
+def test_only_the_openflow_wrapper_starts_programs() -> None:
+    """No ``ovs-vsctl`` or ``ip`` behind the libraries' backs: one module runs one program."""
+    runners = sorted(module for module, path in package_modules().items()
+                     if starts_processes(path.read_text()))
+    assert runners == sorted(set(PROGRAMS.values()))
+    assert 'COMMAND = "ovs-ofctl"' in (PACKAGE / "dataplane" / "openflow.py").read_text()
+
+
+@pytest.mark.parametrize("source", [
+    "import subprocess\n", "from subprocess import run\n",
+    "import asyncio\nasyncio.create_subprocess_exec('ip')\n", "import os\nos.system('ip')\n",
+])
+def test_the_program_check_can_fail(source: str) -> None:
+    assert starts_processes(source)

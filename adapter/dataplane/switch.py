@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from adapter.dataplane import arp, links, sysctl, underlay
@@ -43,6 +43,8 @@ from adapter.dataplane.firewall import (
     PublishedPort,
     Ruleset,
 )
+from adapter.dataplane.flows import Allow, GuardedPort, render
+from adapter.dataplane.openflow import OpenFlow
 from adapter.dataplane.ovs import Ovs, OvsPort
 from adapter.dataplane.vswitchd import Vswitchd
 from adapter.errors import DataPlaneError
@@ -56,6 +58,7 @@ CONTAINER = "container"
 TUNNEL = "tunnel"
 GATEWAY = "gateway"
 GATEWAY_PREFIX = "gw-"
+GROUPS_ID = "powerplane-groups"
 # OVS makes an internal port's device a moment after the transaction; more than this means
 # vswitchd is stuck, and the plug fails naming it.
 GATEWAY_DEVICE_WAIT = 10.0
@@ -100,6 +103,8 @@ class PluggedPort:
     ip: str
     mac: str
     tag: int | None
+    groups: tuple[str, ...] = ()  # security groups; () accepts everything of its network
+    ofport: int | None = None  # OpenFlow port number, once ovs-vswitchd has made the port
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +148,8 @@ def _plugged(port: OvsPort) -> PluggedPort | None:
         ip=ids.get("powerplane-ip", ""),
         mac=ids.get("powerplane-mac", ""),
         tag=port.tag,
+        groups=tuple(g for g in ids.get(GROUPS_ID, "").split(",") if g),
+        ofport=port.ofport if port.ofport is not None and port.ofport > 0 else None,
     )
 
 
@@ -181,6 +188,13 @@ class DataPlane:
         self.bridge = settings.bridge
         self.ovs = Ovs(settings.ovsdb)
         self.vswitchd = Vswitchd(settings.ovsdb)
+        self.openflow = OpenFlow(settings.ovsdb, settings.bridge)
+        # What each security group lets in, compiled to addresses by the network layer; a
+        # port in a group not (yet) listed here accepts nothing new through it.
+        self._allows: dict[str, tuple[Allow, ...]] = {}
+        # The ovs-vswitchd our flows were installed into: flows live in its memory only, so a
+        # different one (restarted) has lost them.
+        self._flows_installed_in: int | None = None
         # The MAC other hosts' tunnels send to, known once the underlay is up (start()).
         self.underlay_mac = ""
         # One change at a time: tags are chosen from what the bridge holds, so two concurrent
@@ -258,9 +272,15 @@ class DataPlane:
     # -- container ports -----------------------------------------------------------------------
 
     async def plug(
-        self, *, container_id: str, netns: int | str, network: Network, ip: str
+        self, *, container_id: str, netns: int | str, network: Network, ip: str,
+        groups: Iterable[str] = (),
     ) -> PluggedPort:
-        """Wire a container's namespace (pid or netns path) into ``network`` at ``ip``."""
+        """Wire a container's namespace (pid or netns path) into ``network`` at ``ip``.
+
+        Its port security (and, in ``groups``, its closed inbound) is in the switch before this
+        returns, so the container's first packet already meets them.
+        """
+        groups = tuple(groups)
         port = port_name(container_id)
         mac = mac_for_ip(ip)
         mtu = network.mtu or self.overlay_mtu()
@@ -284,6 +304,8 @@ class DataPlane:
                 "powerplane-ip": ip,
                 "powerplane-mac": mac,
             }
+            if groups:
+                external_ids[GROUPS_ID] = ",".join(groups)
             wanted = [OvsPort(port, "", tag, False, external_ids)]
             gateway = self._gateway_port(network, tag)
             if not _same(next((p for p in ports if p.name == gateway.name), None), gateway):
@@ -294,8 +316,11 @@ class DataPlane:
             await self.ovs.apply(self.bridge, ensure=wanted)
             if len(wanted) > 1:
                 self._gateways_moved()
+            ofport = await self._ofport(port)
+            await self._apply_flows(await self._ports())
         await self._gateway_up(gateway)
-        return PluggedPort(container_id, port, network.name, network.vni, ip, mac, tag)
+        return PluggedPort(container_id, port, network.name, network.vni, ip, mac, tag, groups,
+                           ofport)
 
     async def unplug(self, container_id: str) -> None:
         """Remove a container's OVS port and host-side veth; nothing if they are gone.
@@ -317,7 +342,52 @@ class DataPlane:
             if len(delete) > 1:
                 self._gateways_moved()
                 await self._apply_firewall([p for p in ports if p.name not in delete])
+            await self._apply_flows([p for p in ports if p.name not in delete])
         await links.delete_link(port)
+
+    async def _ofport(self, port: str) -> int:
+        """The OpenFlow number ovs-vswitchd gives ``port``, a moment after the transaction."""
+        async with asyncio.timeout(GATEWAY_DEVICE_WAIT):
+            while True:
+                found = next((p for p in await self._ports() if p.name == port), None)
+                if found is not None and found.ofport is not None and found.ofport > 0:
+                    return found.ofport
+                if found is not None and found.ofport == -1:
+                    raise DataPlaneError(f"Open vSwitch could not add port {port} to "
+                                         f"{self.bridge}")
+                await asyncio.sleep(0.01)
+
+    # -- port security and groups --------------------------------------------------------------
+
+    async def set_security(self, allows: Mapping[str, Iterable[Allow]]) -> None:
+        """What each security group lets in; the flow tables follow at once."""
+        async with self._lock:
+            self._allows = {group: tuple(rules) for group, rules in allows.items()}
+            await self._apply_flows(await self._ports())
+
+    async def ensure_flows(self) -> bool:
+        """Install the flow tables again if ovs-vswitchd is not the one that has them (it was
+        restarted, and flows live in its memory only); True when they were installed."""
+        if not self.openflow.reachable or self._flows_installed_in == self.vswitchd.pid():
+            return False
+        async with self._lock:
+            await self._apply_flows(await self._ports())
+        return True
+
+    async def _apply_flows(self, ports: Iterable[OvsPort]) -> None:
+        if not self.openflow.reachable:
+            return
+        guarded = [GuardedPort(plugged.port, plugged.ofport, plugged.mac, plugged.ip,
+                               plugged.tag, plugged.groups)
+                   for port in ports if (plugged := _plugged(port)) is not None
+                   and plugged.ofport is not None and plugged.tag is not None]
+        pid = self.vswitchd.pid()
+        await self.openflow.replace(render(guarded, self._allows))
+        self._flows_installed_in = pid
+
+    async def flows(self) -> list[str]:
+        """The bridge's flows as installed (for status and tests)."""
+        return await self.openflow.dump()
 
     # -- gateways ------------------------------------------------------------------------------
 

@@ -36,6 +36,16 @@ class Vswitchd:
         """False when OVS is remote (a TCP OVSDB): its control socket is not on this host."""
         return self._rundir is not None
 
+    def pid(self) -> int | None:
+        """The running ovs-vswitchd's pid as its pidfile says; None if unknown. A new pid
+        means a restarted vswitchd, which has lost everything it held only in memory."""
+        if self._rundir is None:
+            return None
+        try:
+            return int((self._rundir / PIDFILE).read_text().strip())
+        except (OSError, ValueError):
+            return None
+
     def _control_socket(self) -> str:
         assert self._rundir is not None
         try:
