@@ -2,7 +2,7 @@
 
 OPS is a JSON list of operations run in order; the output is a JSON list of their results.
 Operations: plug, unplug, plugged, tunnels, set_tunnels, gateways, set_gateways,
-set_published, create_network (Consul).
+set_published, set_security, flows, create_network (Consul).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from adapter.dataplane.firewall import PublishedPort
+from adapter.dataplane.flows import Allow
 from adapter.dataplane.switch import DataPlane
 from adapter.model import Host, Network, NetworkSpec
 from adapter.network.state import State
@@ -33,7 +34,8 @@ async def run(ops: list[dict[str, Any]]) -> list[Any]:
             kind = op["op"]
             if kind == "plug":
                 port = await dataplane.plug(container_id=op["container_id"], netns=op["netns"],
-                                            network=Network.from_json(op["network"]), ip=op["ip"])
+                                            network=Network.from_json(op["network"]), ip=op["ip"],
+                                            groups=op.get("groups", ()))
                 results.append(dataclasses.asdict(port))
             elif kind == "unplug":
                 await dataplane.unplug(op["container_id"])
@@ -55,6 +57,14 @@ async def run(ops: list[dict[str, Any]]) -> list[Any]:
             elif kind == "set_published":
                 results.append(await dataplane.set_published(
                     [PublishedPort(**p) for p in op["ports"]]))
+            elif kind == "set_security":
+                await dataplane.set_security({
+                    group: [Allow(group, a["proto"], tuple(a["ports"]) if a.get("ports") else None,
+                                  tuple(a["sources"])) for a in allows]
+                    for group, allows in op["allows"].items()})
+                results.append(None)
+            elif kind == "flows":
+                results.append(await dataplane.flows())
             elif kind == "create_network":
                 network = await state.networks.create(
                     NetworkSpec.parse(op["name"], op["cidr"], vni=op.get("vni")))
