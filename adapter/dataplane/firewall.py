@@ -82,6 +82,9 @@ class Ruleset:
     # The name of this host's container ports, as an nft wildcard ("ovs*"): frames a container
     # sends there are the switch's, never the host stack's.
     container_ports: str = ""
+    # Gateway interface pairs (in, out) of networks connected with `network connect`: routed
+    # both ways, the one exception to "overlay networks never route to each other".
+    connected: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +255,8 @@ def _rules(published: list[PublishedPort], container_ports: str) -> list[Rule]:
         ("input", [IIF_GATEWAY, _match(_field("ip", "daddr"), "@subnets"),
                    _match(daddr_of_iif, "@sources", "!="), DROP],
          "to another overlay network's gateway"),
+        ("forward", [_match({"concat": [_meta("iifname"), _meta("oifname")]}, "@connected"),
+                     _match(_meta("nfproto"), "ipv4"), ACCEPT], "connected networks"),
         ("forward", [IIF_GATEWAY, OIF_GATEWAY, DROP], "overlay networks never route to each other"),
         ("forward", [IIF_GATEWAY, _match(_field("ip", "daddr"), "@subnets"), DROP],
          "not even to a network with no gateway on this host"),
@@ -298,12 +303,15 @@ def _overlays(gateways: list[tuple[GatewayRule, ipaddress.IPv4Network]],
 
 def _sets(gateways: list[tuple[GatewayRule, ipaddress.IPv4Network]],
           floating: list[FloatingAddress],
-          overlays: list[ipaddress.IPv4Network]) -> dict[str, dict[str, Any]]:
+          overlays: list[ipaddress.IPv4Network],
+          connected: Iterable[tuple[str, str]] = ()) -> dict[str, dict[str, Any]]:
     """Named sets and maps: name → the JSON API's set or map object, elements included."""
     egress = [(rule, subnet) for rule, subnet in gateways if rule.egress]
     interval = {"flags": ["interval"]}
     return {
         "gateways": {"type": "ifname", "elem": [rule.interface for rule, _ in gateways]},
+        "connected": {"type": ["ifname", "ifname"],
+                      "elem": [{"concat": list(pair)} for pair in sorted(set(connected))]},
         "egress_gateways": {"type": "ifname", "elem": [rule.interface for rule, _ in egress]},
         "subnets": {"type": "ipv4_addr", **interval,
                     "elem": [_prefix(subnet) for subnet in overlays]},
@@ -330,7 +338,9 @@ def render(table: str, ruleset: Ruleset) -> Rendered | None:
     where = {"family": FAMILY, "table": table}
     body: list[Command] = []
     elements: dict[str, int] = {}
-    for name, spec in _sets(gateways, floating, overlays).items():
+    here = {rule.interface for rule, _ in gateways}
+    connected = [pair for pair in ruleset.connected if set(pair) <= here]
+    for name, spec in _sets(gateways, floating, overlays, connected).items():
         kind = "map" if "map" in spec else "set"
         if not spec["elem"]:
             spec = {key: value for key, value in spec.items() if key != "elem"}

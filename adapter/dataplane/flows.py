@@ -17,9 +17,16 @@ tables only decide what may reach NORMAL.
              container passes only if one of its groups allows it (and is committed, so its
              replies pass); a new connection from a guarded container is committed and passes.
 
+Routing between connected networks (``powerplane network connect``) adds to table 1: the host
+that routes a packet into a network hands it to that network's gateway port, and NORMAL never
+sends a gateway's frames down a tunnel (both are ``protected``). So for every container of a
+connected network on another host, a flow answers the gateway's ARP for it from Consul's
+record, and another sends the gateway's frames for its MAC down the tunnel to its host.
+
 Cookies say who owns a flow: ``0x7070`` in the top 16 bits, then a kind (0 base, 1 port,
-2 group) in the next 8, and a CRC-32 of the port's or group's name in the low 32 bits; so
-``ovs-ofctl dump-flows BRIDGE cookie=0x7070010012345678/-1`` lists one port's flows.
+2 group, 3 route) in the next 8, and a CRC-32 of the port's, group's or network's name in the
+low 32 bits; so ``ovs-ofctl dump-flows BRIDGE cookie=0x7070010012345678/-1`` lists one port's
+flows.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from dataclasses import dataclass
 
 COOKIE_PREFIX = 0x7070 << 48
 COOKIE_PREFIX_MASK = 0xFFFF << 48
-BASE, PORT, GROUP = 0, 1, 2
+BASE, PORT, GROUP, ROUTE = 0, 1, 2, 3
 
 PORT_SECURITY_TABLE = 0
 TRACK_TABLE = 1
@@ -70,6 +77,17 @@ class GuardedPort:
     groups: tuple[str, ...] = ()  # () = accepts all its network sends it
 
 
+@dataclass(frozen=True, slots=True)
+class RemoteEndpoint:
+    """A container on another host that this host's gateway for ``network`` routes to."""
+
+    network: str
+    gateway_ofport: int  # this host's gateway port for the container's network
+    tunnel_ofport: int  # the tunnel to the container's host for that network
+    mac: str
+    ip: str
+
+
 def port_masks(low: int, high: int) -> list[tuple[int, int]]:
     """The fewest value/mask pairs that together match exactly the ports low..high."""
     masks: list[tuple[int, int]] = []
@@ -98,11 +116,13 @@ def _proto_matches(allow: Allow) -> list[str]:
             for value, mask in port_masks(low, high)]
 
 
-def render(ports: Iterable[GuardedPort], allows: Mapping[str, Iterable[Allow]]) -> list[str]:
+def render(ports: Iterable[GuardedPort], allows: Mapping[str, Iterable[Allow]],
+           routes: Iterable[RemoteEndpoint] = ()) -> list[str]:
     """The whole flow table, one ``ovs-ofctl`` flow per line, in a stable order.
 
     ``allows`` maps a group's name to what it allows; a port in a group missing from it
-    accepts nothing new through that group (closed until the group is known).
+    accepts nothing new through that group (closed until the group is known). ``routes`` are
+    the remote containers this host's gateways route to.
     """
     base = f"cookie={cookie(BASE):#x}"
     flows = [
@@ -147,4 +167,24 @@ def render(ports: Iterable[GuardedPort], allows: Mapping[str, Iterable[Allow]]) 
                             continue
                         seen.add(match)
                         flows.append(f"{owner_group},{match},actions={commit}")
+    for route in sorted(routes, key=lambda r: (r.network, r.ip)):
+        flows += _route_flows(route)
     return flows
+
+
+def _route_flows(route: RemoteEndpoint) -> list[str]:
+    owner = f"cookie={cookie(ROUTE, route.network):#x},table={TRACK_TABLE},priority=120"
+    mac_hex = "0x" + route.mac.replace(":", "")
+    ip_hex = "0x" + "".join(f"{int(part):02x}" for part in route.ip.split("."))
+    # The ARP reply is the request turned around, with the container's MAC and address.
+    answer = ",".join((
+        "move:NXM_OF_ETH_SRC[]->NXM_OF_ETH_DST[]", f"mod_dl_src:{route.mac}",
+        "load:0x2->NXM_OF_ARP_OP[]", "move:NXM_NX_ARP_SHA[]->NXM_NX_ARP_THA[]",
+        "move:NXM_OF_ARP_SPA[]->NXM_OF_ARP_TPA[]", f"load:{mac_hex}->NXM_NX_ARP_SHA[]",
+        f"load:{ip_hex}->NXM_OF_ARP_SPA[]", "IN_PORT"))
+    return [
+        f"{owner},in_port={route.gateway_ofport},arp,arp_op=1,arp_tpa={route.ip},"
+        f"actions={answer}",
+        f"{owner},in_port={route.gateway_ofport},dl_dst={route.mac},"
+        f"actions=output:{route.tunnel_ofport}",
+    ]

@@ -43,7 +43,7 @@ from adapter.dataplane.firewall import (
     PublishedPort,
     Ruleset,
 )
-from adapter.dataplane.flows import Allow, GuardedPort, render
+from adapter.dataplane.flows import Allow, GuardedPort, RemoteEndpoint, render
 from adapter.dataplane.openflow import OpenFlow
 from adapter.dataplane.ovs import Ovs, OvsPort
 from adapter.dataplane.vswitchd import Vswitchd
@@ -105,6 +105,16 @@ class PluggedPort:
     tag: int | None
     groups: tuple[str, ...] = ()  # security groups; () accepts everything of its network
     ofport: int | None = None  # OpenFlow port number, once ovs-vswitchd has made the port
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteContainer:
+    """A container on another host, as Consul records it: where routed packets for it go."""
+
+    network: str
+    host_id: str
+    ip: str
+    mac: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +205,11 @@ class DataPlane:
         # The ovs-vswitchd our flows were installed into: flows live in its memory only, so a
         # different one (restarted) has lost them.
         self._flows_installed_in: int | None = None
+        # Networks joined by `network connect` (pairs of names), and the containers on other
+        # hosts that this host's gateways may have to route to.
+        self._connections: frozenset[tuple[str, str]] = frozenset()
+        self._remote: tuple[RemoteContainer, ...] = ()
+        self._networks: dict[str, Network] | None = None  # as set_gateways last listed them
         # The MAC other hosts' tunnels send to, known once the underlay is up (start()).
         self.underlay_mac = ""
         # One change at a time: tags are chosen from what the bridge holds, so two concurrent
@@ -335,7 +350,9 @@ class DataPlane:
             if mine is not None and (vni := mine.external_ids.get("powerplane-vni")):
                 others = [p for p in ports if p.name != port and _plugged(p) is not None
                           and p.external_ids.get("powerplane-vni") == vni]
-                if not others:
+                network = mine.external_ids.get("powerplane-network", "")
+                if not others and network not in self._needed_networks(
+                        [p for p in ports if p.name != port]):
                     delete += [p.name for p in ports if (g := _gateway(p)) is not None
                                and str(g.vni) == vni]
             await self.ovs.apply(self.bridge, delete=delete)
@@ -365,6 +382,41 @@ class DataPlane:
             self._allows = {group: tuple(rules) for group, rules in allows.items()}
             await self._apply_flows(await self._ports())
 
+    async def set_routes(self, connections: Iterable[tuple[str, str]],
+                         remote: Iterable[RemoteContainer]) -> None:
+        """Networks joined by ``network connect``, and every container on another host of a
+        network that may be routed to: gateways, firewall and flows follow at once."""
+        async with self._lock:
+            self._connections = frozenset((min(a, b), max(a, b)) for a, b in connections)
+            self._remote = tuple(sorted(set(remote), key=lambda r: (r.network, r.ip)))
+            if self._networks is not None:
+                await self._set_gateways(self._networks)
+            await self._apply_firewall(await self._ports())
+            await self._apply_flows(await self._ports())
+
+    def _routes(self, ports: Iterable[OvsPort]) -> list[RemoteEndpoint]:
+        """The remote containers this host's gateways route to, with the ports to use."""
+        gateways: dict[str, tuple[int, int]] = {}  # network → (ofport, vni)
+        tunnels: dict[tuple[str, int], int] = {}  # (host, vni) → ofport
+        for port in ports:
+            if port.ofport is None or port.ofport <= 0:
+                continue
+            if (gateway := _gateway(port)) is not None:
+                gateways[gateway.network] = (port.ofport, gateway.vni)
+            elif (far_end := _tunnel(port)) is not None:
+                tunnels[(far_end.host_id, far_end.vni)] = port.ofport
+        connected = {name for pair in self._connections for name in pair}
+        routes = []
+        for container in self._remote:
+            if container.network not in connected or container.network not in gateways:
+                continue
+            gateway_ofport, vni = gateways[container.network]
+            tunnel = tunnels.get((container.host_id, vni))
+            if tunnel is not None:
+                routes.append(RemoteEndpoint(container.network, gateway_ofport, tunnel,
+                                             container.mac, container.ip))
+        return routes
+
     async def ensure_flows(self) -> bool:
         """Install the flow tables again if ovs-vswitchd is not the one that has them (it was
         restarted, and flows live in its memory only); True when they were installed."""
@@ -377,12 +429,13 @@ class DataPlane:
     async def _apply_flows(self, ports: Iterable[OvsPort]) -> None:
         if not self.openflow.reachable:
             return
+        ports = list(ports)
         guarded = [GuardedPort(plugged.port, plugged.ofport, plugged.mac, plugged.ip,
                                plugged.tag, plugged.groups)
                    for port in ports if (plugged := _plugged(port)) is not None
                    and plugged.ofport is not None and plugged.tag is not None]
         pid = self.vswitchd.pid()
-        await self.openflow.replace(render(guarded, self._allows))
+        await self.openflow.replace(render(guarded, self._allows, self._routes(ports)))
         self._flows_installed_in = pid
 
     async def flows(self) -> list[str]:
@@ -474,15 +527,25 @@ class DataPlane:
                 self._gateways_moved()
             await self.firewall.remove()
 
+    def _needed_networks(self, ports: Iterable[OvsPort]) -> set[str]:
+        """Networks that need a gateway here: those with container ports, and those connected
+        to one of them (the gateway that routes into a network is on the sender's host)."""
+        local = {c.network for p in ports if (c := _plugged(p)) is not None}
+        return local | {other for pair in self._connections for network, other in
+                        (pair, pair[::-1]) if network in local}
+
     async def _apply_firewall(self, ports: Iterable[OvsPort]) -> bool:
         gateways = sorted({g for p in ports if (g := _gateway(p)) is not None},
                           key=lambda g: g.port)
+        connected = tuple((gateway_name(a), gateway_name(b)) for first, second in
+                          sorted(self._connections) for a, b in ((first, second),
+                                                                 (second, first)))
         rules = tuple(GatewayRule(interface=g.port, subnet=g.subnet,
                                   gateway=g.address.partition("/")[0], egress=not g.internal)
                       for g in gateways)
         return await self.firewall.apply(Ruleset(
             rules, self._published, self._floating, self._overlays,
-            container_ports=PORT_PREFIX + "*"))
+            container_ports=PORT_PREFIX + "*", connected=connected))
 
     async def gateways(self) -> list[Gateway]:
         """Every gateway port the bridge holds."""
@@ -518,36 +581,42 @@ class DataPlane:
         """
         by_name = {n.name: n for n in networks}
         async with self._lock:
-            self._overlays = tuple(sorted(n.cidr for n in by_name.values()))
-            ports = await self._ports()
-            current = {p.name: p for p in ports}
-            in_use = {(c.network, c.vni) for p in ports if (c := _plugged(p)) is not None}
-            wanted: dict[str, OvsPort] = {}
-            for name, vni in sorted(in_use):
-                network = by_name.get(name)
-                if network is None or network.vni != vni:
-                    # Not in the caller's listing (made since): keep what plug made, if any.
-                    kept = current.get(gateway_name(name))
-                    if kept is not None and _gateway(kept) is not None:
-                        wanted[kept.name] = kept
-                    continue
-                port = self._gateway_port(network, self._tag_for(vni, ports))
-                wanted[port.name] = port
-            to_ensure = [p for name, p in wanted.items() if not _same(current.get(name), p)]
-            to_delete = [p.name for p in ports if _gateway(p) is not None and p.name not in wanted]
-            # Rules for the gateways that stay or come before any is made; a gateway removed
-            # loses its rules only after its port is gone. Applying what the kernel already
-            # holds changes nothing, and puts back a table someone deleted.
-            await self._apply_firewall({**current, **{p.name: p for p in to_ensure}}.values())
-            await self.ovs.apply(self.bridge, ensure=to_ensure, delete=to_delete)
-            if to_delete:
-                await self._apply_firewall(wanted.values())
-            if to_ensure or to_delete:
-                self._gateways_moved()
-            changed = {p.name for p in to_ensure} | set(to_delete)
-            for port in wanted.values():
-                if await self._gateway_up(port):
-                    changed.add(port.name)
+            self._networks = by_name
+            return await self._set_gateways(by_name)
+
+    async def _set_gateways(self, by_name: Mapping[str, Network]) -> list[str]:
+        self._overlays = tuple(sorted(n.cidr for n in by_name.values()))
+        ports = await self._ports()
+        current = {p.name: p for p in ports}
+        in_use = {(c.network, c.vni) for p in ports if (c := _plugged(p)) is not None}
+        in_use |= {(name, by_name[name].vni) for name in self._needed_networks(ports)
+                   if name in by_name}
+        wanted: dict[str, OvsPort] = {}
+        for name, vni in sorted(in_use):
+            network = by_name.get(name)
+            if network is None or network.vni != vni:
+                # Not in the caller's listing (made since): keep what plug made, if any.
+                kept = current.get(gateway_name(name))
+                if kept is not None and _gateway(kept) is not None:
+                    wanted[kept.name] = kept
+                continue
+            port = self._gateway_port(network, self._tag_for(vni, ports))
+            wanted[port.name] = port
+        to_ensure = [p for name, p in wanted.items() if not _same(current.get(name), p)]
+        to_delete = [p.name for p in ports if _gateway(p) is not None and p.name not in wanted]
+        # Rules for the gateways that stay or come before any is made; a gateway removed
+        # loses its rules only after its port is gone. Applying what the kernel already
+        # holds changes nothing, and puts back a table someone deleted.
+        await self._apply_firewall({**current, **{p.name: p for p in to_ensure}}.values())
+        await self.ovs.apply(self.bridge, ensure=to_ensure, delete=to_delete)
+        if to_delete:
+            await self._apply_firewall(wanted.values())
+        if to_ensure or to_delete:
+            self._gateways_moved()
+        changed = {p.name for p in to_ensure} | set(to_delete)
+        for port in wanted.values():
+            if await self._gateway_up(port):
+                changed.add(port.name)
         return sorted(changed)
 
     async def plugged(self) -> list[PluggedPort]:
