@@ -9,6 +9,7 @@ log the source each packet arrived from, so checks assert addresses and absences
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Iterator
 
@@ -122,6 +123,22 @@ def test_overlay_networks_never_reach_each_other(lab: GatewayLab) -> None:
     assert blocked(lab, "a", "udp", GW_C, 7001, "host")
     assert lab.ping("a", GW_B, wait=SILENCE) == 0
     assert answered(lab, "a", "tcp", GW_A, 7000, "host") == A
+
+
+
+def test_connected_networks_reach_each_other_and_no_one_else(lab: GatewayLab) -> None:
+    """`network connect a b`: a and b route to each other both ways, sources kept; c, not
+    connected, still reaches neither, and neither reaches c."""
+    apply(lab, dataclasses.replace(RULESET, connected=(("gwa", "gwb"), ("gwb", "gwa"))))
+    try:
+        assert answered(lab, "a", "tcp", B, 8000, "b") == A
+        assert answered(lab, "b", "udp", A, 8001, "a") == B
+        assert lab.ping("b", A) == 2
+        assert blocked(lab, "c", "tcp", A, 8000, "a")
+        assert lab.ping("a", C, wait=SILENCE) == 0
+    finally:
+        apply(lab)
+    assert blocked(lab, "a", "tcp", B, 8000, "b")
 
 
 def test_forged_sources_are_dropped(lab: GatewayLab) -> None:

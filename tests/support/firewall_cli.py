@@ -36,7 +36,8 @@ def ruleset_from_json(text: str) -> Ruleset:
     raw = json.loads(text)
     return Ruleset(gateways=tuple(GatewayRule(**item) for item in raw["gateways"]),
                    published=tuple(PublishedPort(**item) for item in raw["published"]),
-                   floating=tuple(FloatingAddress(**item) for item in raw["floating"]))
+                   floating=tuple(FloatingAddress(**item) for item in raw["floating"]),
+                   connected=tuple((a, b) for a, b in raw.get("connected", ())))
 
 
 async def run(command: str, table: str) -> str:
