@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "adapter"
 
-FOUNDATION = {"adapter", "adapter.errors", "adapter.settings", "adapter.model"}
+FOUNDATION = {"adapter", "adapter.errors", "adapter.settings", "adapter.model", "adapter.groups"}
 
 # Layer → the layers it may import (always: itself and the foundation).
 ALLOWED: dict[str, set[str]] = {
