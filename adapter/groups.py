@@ -172,7 +172,9 @@ class Group:
     def from_json(cls, name: str, data: object) -> Group:
         if not isinstance(data, Mapping):
             raise ValueError(f"the record is {json_type(data)}, not an object")
-        rules = data.get("rules") or []
+        rules = data.get("rules")
+        if rules is None:
+            rules = []
         if not isinstance(rules, list):
             raise ValueError(f"field 'rules' is {json_type(rules)}, not an array")
         return cls(name=name, rules=tuple(GroupRule.from_json(rule) for rule in rules))
