@@ -144,7 +144,10 @@ def groups_of(body: Mapping[str, Any]) -> tuple[str, ...]:
     for entry in body.get("Env") or ():
         key, _, value = entry.partition("=")
         if key == GROUPS_VAR:
-            return parse_group_names(value)
+            try:
+                return parse_group_names(value)
+            except InvalidGroup as exc:
+                raise InvalidGroup(f"{GROUPS_VAR}: {exc.message}") from None
     return ()
 
 
