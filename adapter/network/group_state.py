@@ -24,7 +24,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 from adapter.errors import GroupConflict, GroupNotFound, InvalidGroup, NetworkNotFound
@@ -118,14 +118,14 @@ class GroupStore:
             await _back_off(attempt)
         raise GroupConflict(f"group {name!r} kept changing while being removed; try again")
 
-    async def _change(self, name: str, change: Any,
+    async def _change(self, name: str, change: Callable[[Group], Group],
                       needs: GroupRule | None = None) -> tuple[Group, bool]:
         for attempt in range(CHANGE_ATTEMPTS):
             version = await self._kv.get(VERSION_KEY)
             group, index, raw = await self._read(name)
             if needs is not None:
                 await self._source_exists(needs)
-            changed: Group = change(group)
+            changed = change(group)
             if changed == group:
                 return group, False
             record = {**raw, **changed.to_json()}
