@@ -210,8 +210,9 @@ class EndpointManager:
         # leaves not even the network it named.
         if self._readiness is not None:
             await self._readiness.wait_for(DATAPLANE, self._settings.dataplane_wait)
-        # A consistent read, before anything is claimed: an unknown group leaves nothing.
-        await self._state.groups.require(request.groups)
+        if request.groups:
+            # A consistent read, before anything is claimed: an unknown group leaves nothing.
+            await self._state.groups.require(request.groups)
         # Ports before the network, for the same reason: a taken port leaves nothing behind.
         claim = await self._ports.claim(request.ports, image=request.image,
                                         endpoint=(request.app_name or "").lstrip("/") or None)
