@@ -172,7 +172,9 @@ class Group:
     def from_json(cls, name: str, data: object) -> Group:
         if not isinstance(data, Mapping):
             raise ValueError(f"the record is {json_type(data)}, not an object")
-        rules = data.get("rules") or []
+        rules = data.get("rules")
+        if rules is None:
+            rules = []
         if not isinstance(rules, list):
             raise ValueError(f"field 'rules' is {json_type(rules)}, not an array")
         return cls(name=name, rules=tuple(GroupRule.from_json(rule) for rule in rules))
@@ -182,3 +184,114 @@ def referenced_groups(groups: Iterable[Group]) -> set[str]:
     """Names that some rule uses as ``--from group:NAME``."""
     return {rule.source_name for group in groups for rule in group.rules
             if rule.source_kind == "group"}
+
+
+# -- would a new connection be allowed? (``powerplane group check``) --------------------------
+
+CHECK_PROTOCOLS = ("tcp", "udp", "icmp")
+
+
+def parse_check_port(value: str) -> tuple[str, int | None]:
+    """``80`` (tcp), ``80/tcp``, ``53/udp`` or ``icmp``: the protocol and port to check."""
+    text = value.strip().lower()
+    if text == "icmp":
+        return "icmp", None
+    number, slash, proto = text.partition("/")
+    proto = proto if slash else "tcp"
+    if proto not in ("tcp", "udp"):
+        raise InvalidGroup(f"invalid port {quoted(value)}: use N, N/tcp, N/udp or icmp")
+    try:
+        port = int(number)
+    except ValueError:
+        raise InvalidGroup(f"invalid port {quoted(value)}: use N, N/tcp, N/udp or icmp") from None
+    if not PORT_MIN <= port <= PORT_MAX:
+        raise InvalidGroup(f"invalid port {quoted(value)}: use {PORT_MIN} to {PORT_MAX}")
+    return proto, port
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """One end of a connection as the rules see it: its address, network and groups."""
+
+    ip: str
+    network: str
+    groups: tuple[str, ...] = ()
+
+
+# The outcomes of ``check_connection``.
+ALLOWED_BY_RULE = "allowed"
+ALLOWED_NO_GROUP = "no-group"
+DENIED = "denied"
+UNREACHABLE = "unreachable"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Whether a new connection would be let through, and why."""
+
+    outcome: str  # one of ALLOWED_BY_RULE, ALLOWED_NO_GROUP, DENIED, UNREACHABLE
+    reason: str
+    group: str | None = None
+    rule: GroupRule | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.outcome in (ALLOWED_BY_RULE, ALLOWED_NO_GROUP)
+
+
+def connection_key(first: str, second: str) -> frozenset[str]:
+    return frozenset((first, second))
+
+
+def rule_matches(rule: GroupRule, source: Peer, proto: str, port: int | None) -> bool:
+    """True when ``rule`` allows a new ``proto``/``port`` connection from ``source``."""
+    if rule.proto not in ("any", proto):
+        return False
+    if rule.ports is not None and (port is None or not rule.ports[0] <= port <= rule.ports[1]):
+        return False
+    kind = rule.source_kind
+    if kind == "group":
+        return rule.source_name in source.groups
+    if kind == "network":
+        return rule.source_name == source.network
+    return ipaddress.IPv4Address(source.ip) in ipaddress.IPv4Network(rule.source)
+
+
+def check_connection(source: Peer, destination: Peer, proto: str, port: int | None, *,
+                     groups: Mapping[str, Group],
+                     connected: Iterable[frozenset[str]] = ()) -> Verdict:
+    """Would a new connection from ``source`` to ``destination`` be let through?
+
+    Networks first: two networks reach each other only when connected. Then the destination's
+    groups: none means everything its network sends is accepted; otherwise the first rule (of
+    its groups, in the order it joined them) that allows the connection decides. A group the
+    destination names that does not exist has no rules.
+    """
+    if proto not in CHECK_PROTOCOLS:
+        raise InvalidGroup(f"invalid protocol {quoted(proto)}: use one of "
+                           f"{', '.join(CHECK_PROTOCOLS)}")
+    what = f"{proto}/{port}" if port is not None else proto
+    if source.network != destination.network \
+            and connection_key(source.network, destination.network) not in set(connected):
+        return Verdict(UNREACHABLE,
+                       f"unreachable: {source.network} and {destination.network} are different "
+                       f"networks and not connected (powerplane network connect "
+                       f"{source.network} {destination.network})")
+    if not destination.groups:
+        return Verdict(ALLOWED_NO_GROUP,
+                       f"allowed: {destination.ip} is in no group, so it accepts everything "
+                       f"that reaches it")
+    missing = []
+    for name in destination.groups:
+        group = groups.get(name)
+        if group is None:
+            missing.append(name)
+            continue
+        for rule in group.rules:
+            if rule_matches(rule, source, proto, port):
+                return Verdict(ALLOWED_BY_RULE,
+                               f"allowed by group {name}, rule {rule.describe()}",
+                               group=name, rule=rule)
+    gone = f" (group {', '.join(missing)} does not exist: no rules)" if missing else ""
+    return Verdict(DENIED, f"denied: no rule of {', '.join(destination.groups)} allows {what} "
+                           f"from {source.ip}{gone}")

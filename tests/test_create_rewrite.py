@@ -9,10 +9,12 @@ import pytest
 from adapter.errors import BadRequest, PowerplaneError
 from adapter.network.create_rewrite import (
     LABEL_ALIASES,
+    LABEL_GROUPS,
     CreateRequest,
     OverlayRequest,
     aliases_label,
     check_compatible,
+    groups_label,
     overlay_request,
     rewrite_create,
     sandbox_spec,
@@ -167,6 +169,34 @@ def test_aliases_label_is_checked_again() -> None:
     assert aliases_label({LABEL_ALIASES: "www,front"}) == ("www", "front")
     assert aliases_label({LABEL_ALIASES: "bad_one"}) == ()
     assert aliases_label({}) == ()
+
+
+def test_groups_of_a_create() -> None:
+    """SOCKETPLANE_GROUPS is read with the request: names each once, in order; none without."""
+    body = {**CLI_BODY, "Env": [*CLI_BODY["Env"], "SOCKETPLANE_GROUPS=web, admin,web"]}
+    create = CreateRequest.parse(body, app_name="/web")
+    assert create is not None and create.groups == ("web", "admin")
+    plain = CreateRequest.parse(CLI_BODY, app_name="/web")
+    assert plain is not None and plain.groups == ()
+    # Without an overlay the variable is the container's own business.
+    assert CreateRequest.parse({"Image": "busybox", "Env": ["SOCKETPLANE_GROUPS=-x"]},
+                               app_name=None) is None
+
+
+@pytest.mark.parametrize("groups", ["-x", "web,a b", "a/b", "x" * 65])
+def test_bad_group_names_are_a_400_before_anything(groups: str) -> None:
+    body = {"Image": "busybox",
+            "Env": ["SOCKETPLANE_CIDR=10.0.6.0/24", f"SOCKETPLANE_GROUPS={groups}"]}
+    with pytest.raises(PowerplaneError, match="SOCKETPLANE_GROUPS: invalid group name") as caught:
+        CreateRequest.parse(body, app_name=None)
+    assert caught.value.status == 400
+
+
+def test_groups_label_is_checked_again() -> None:
+    """The label the agent restores a lost endpoint record from: bad names give no groups."""
+    assert groups_label({LABEL_GROUPS: "web,admin"}) == ("web", "admin")
+    assert groups_label({LABEL_GROUPS: "web,-x"}) == ()
+    assert groups_label({LABEL_GROUPS: ""}) == groups_label({}) == ()
 
 
 def test_sandbox_resolver_is_the_gateway_unless_dns_is_given() -> None:

@@ -1,4 +1,5 @@
-"""``powerplane network create|list|info|rm``: manage the virtual networks shared by all hosts."""
+"""``powerplane network create|list|info|rm|connect|disconnect``: manage the virtual networks
+shared by all hosts, and which of them route to each other."""
 
 from __future__ import annotations
 
@@ -37,13 +38,30 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     info.add_argument("name", metavar="NAME")
     info.set_defaults(handler=_info)
 
-    remove = actions.add_parser("rm", aliases=["remove"], help="remove a network")
+    remove = actions.add_parser(
+        "rm", aliases=["remove"], help="remove a network",
+        description="Remove a network. Refused while addresses are allocated in it or while it "
+                    "is connected to another network, unless forced.")
     remove.add_argument("name", metavar="NAME")
     remove.add_argument("--force", "-f", action="store_true",
-                        help="remove even while addresses are allocated")
+                        help="remove even while addresses are allocated, and disconnect it")
     remove.set_defaults(handler=_remove)
 
-    for command in (create, listing, info, remove):
+    connect = actions.add_parser(
+        "connect", help="route between two networks",
+        description="Let the containers of two networks reach each other (both ways). Security "
+                    "groups still apply: a container in groups accepts only what its rules "
+                    "allow.")
+    disconnect = actions.add_parser(
+        "disconnect", help="stop routing between two networks",
+        description="Undo `network connect`: the two networks no longer reach each other.")
+    for command in (connect, disconnect):
+        command.add_argument("first", metavar="A", help="a network")
+        command.add_argument("second", metavar="B", help="another network")
+    connect.set_defaults(handler=_connect)
+    disconnect.set_defaults(handler=_disconnect)
+
+    for command in (create, listing, info, remove, connect, disconnect):
         add_options(command, CONSUL_OPTIONS)
     for command in (listing, info):
         command.add_argument("--json", action="store_true", help="print JSON")
@@ -98,6 +116,7 @@ async def _info(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         by_sandbox = {
             e.sandbox: e for e in await state.endpoints.all() if e.network == network.name
         }
+        connected = await state.connections.of_network(network.name)
     finally:
         await state.close()
     # The address records are the truth for what is allocated; endpoints add the app and port.
@@ -112,9 +131,11 @@ async def _info(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             "port": endpoint.port if endpoint else "",
             # What the DNS server on the gateway answers for it (adapter/network/names.py).
             "names": list(endpoint.dns_names) if endpoint else [],
+            "groups": list(endpoint.groups) if endpoint else [],
         })
     if args.json:
-        print(json.dumps({**network.to_json(), "endpoints": members}, indent=2))
+        print(json.dumps({**network.to_json(), "connected": connected, "endpoints": members},
+                         indent=2))
         return 0
     print(f"Name:      {network.name}\n"
           f"Subnet:    {network.cidr}\n"
@@ -122,14 +143,16 @@ async def _info(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
           f"VNI:       {network.vni}\n"
           f"MTU:       {network.mtu or 'each host: its underlay MTU - 50'}\n"
           f"Egress:    {'none (internal)' if network.internal else 'through each host (NAT)'}\n"
+          f"Connected: {', '.join(connected) or '-'}\n"
           f"Addresses: {len(addresses)} of {network.capacity} in use")
     if members:
         print()
         # An address whose app container is not recorded yet (a create in flight) shows its
         # sandbox instead.
         rows = [[m["container"][:12] or f"({m['sandbox'][:12]})", ",".join(m["names"]) or "-",
-                 m["ip"], m["mac"], m["host"], m["port"] or "-"] for m in members]
-        print(format_table(["CONTAINER", "NAMES", "IP", "MAC", "HOST", "PORT"], rows))
+                 m["ip"], m["mac"], m["host"], m["port"] or "-", ",".join(m["groups"]) or "-"]
+                for m in members]
+        print(format_table(["CONTAINER", "NAMES", "IP", "MAC", "HOST", "PORT", "GROUPS"], rows))
     return 0
 
 
@@ -140,6 +163,26 @@ async def _remove(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     finally:
         await state.close()
     print(args.name)
+    return 0
+
+
+async def _connect(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    state = _state(args, environ)
+    try:
+        made = await state.connections.connect(args.first, args.second)
+    finally:
+        await state.close()
+    print(f"{args.first} <-> {args.second}" + ("" if made else " (connected already)"))
+    return 0
+
+
+async def _disconnect(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    state = _state(args, environ)
+    try:
+        await state.connections.disconnect(args.first, args.second)
+    finally:
+        await state.close()
+    print(f"{args.first} </> {args.second}")
     return 0
 
 

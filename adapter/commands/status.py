@@ -142,7 +142,7 @@ async def _status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                             for d in dns]))
     print(f"\nendpoints ({len(endpoints)})")
     if endpoints:
-        print(format_table(["CONTAINER", "NETWORK", "IP", "PORT", "SANDBOX"],
-                           [[e.container_id[:12], e.network, e.ip, e.port, e.sandbox[:12]]
-                            for e in endpoints]))
+        print(format_table(["CONTAINER", "NETWORK", "IP", "PORT", "SANDBOX", "GROUPS"],
+                           [[e.container_id[:12], e.network, e.ip, e.port, e.sandbox[:12],
+                             ",".join(e.groups) or "-"] for e in endpoints]))
     return 0 if ok else 1

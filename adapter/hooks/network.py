@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-from adapter.errors import BadRequest, NetworkNotFound, PowerplaneError
+from adapter.errors import BadRequest, GroupNotFound, NetworkNotFound, PowerplaneError
 from adapter.network.create_rewrite import (
     LABEL_CIDR,
     LABEL_GATEWAY,
@@ -35,6 +35,7 @@ from adapter.network.create_rewrite import (
     LABEL_SANDBOX,
     CreateRequest,
     aliases_label,
+    groups_label,
 )
 from adapter.network.docker_api import Docker
 from adapter.network.endpoints import EndpointManager
@@ -119,9 +120,9 @@ class NetworkHook:
             return request
         try:
             attachment = await self._endpoints.attach(create)
-        except NetworkNotFound as exc:
+        except (NetworkNotFound, GroupNotFound) as exc:
             # The docker CLI takes a 404 from create for "image not found" and would try to
-            # pull it: a missing network must be a 400.
+            # pull it: a missing network or group must be a 400.
             raise BadRequest(exc.message) from None
         rewritten = create.rewritten(sandbox_id=attachment.sandbox_id,
                                      labels=attachment.app_labels(self._endpoints.host_id))
@@ -149,7 +150,8 @@ class NetworkHook:
                                      port=labels.get(LABEL_PORT, ""), sandbox_id=sandbox_id,
                                      name=_query_name(request),
                                      hostname=labels.get(LABEL_HOSTNAME, ""),
-                                     aliases=aliases_label(labels))
+                                     aliases=aliases_label(labels),
+                                     groups=groups_label(labels))
 
     async def _pre_start(self, container: str) -> None:
         sandbox_id = self._endpoints.sandbox_of(container)

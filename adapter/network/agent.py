@@ -34,6 +34,7 @@ from adapter.network.create_rewrite import (
     LABEL_SANDBOX,
     SANDBOX_ROLE,
     aliases_label,
+    groups_label,
 )
 from adapter.network.docker_api import Docker
 from adapter.network.endpoints import DataPlaneLike, EndpointManager
@@ -191,7 +192,8 @@ class HostAgent:
                 app_id=app_id, network=labels.get(LABEL_NETWORK, ""), ip=labels.get(LABEL_IP, ""),
                 mac=labels.get(LABEL_MAC, ""), port=labels.get(LABEL_PORT, ""),
                 sandbox_id=labels[LABEL_SANDBOX], name=_listed_name(app),
-                hostname=labels.get(LABEL_HOSTNAME, ""), aliases=aliases_label(labels))
+                hostname=labels.get(LABEL_HOSTNAME, ""), aliases=aliases_label(labels),
+                groups=groups_label(labels))
             report.restored_endpoints.append(app_id[:12])
 
         for sandbox_id, sandbox in sandboxes.items():

@@ -191,9 +191,12 @@ class ConsulKV:
         session = (item or {}).get("Session")
         return str(session) if session else None
 
-    async def items(self, folder: str) -> dict[str, Any]:
-        """Every key under ``folder`` (relative to it) with its JSON value."""
-        _, items = await self._call(lambda c: c.kv.get(self.prefix + folder, recurse=True))
+    async def items(self, folder: str, *, consistent: bool = False) -> dict[str, Any]:
+        """Every key under ``folder`` (relative to it) with its JSON value; ``consistent`` when
+        the listing decides a write (is anything still using this?)."""
+        mode = "consistent" if consistent else None
+        _, items = await self._call(
+            lambda c: c.kv.get(self.prefix + folder, recurse=True, consistency=mode))
         return _by_key(self.prefix + folder, items)
 
     async def keys(self, folder: str) -> list[str]:

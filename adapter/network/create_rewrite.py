@@ -16,7 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapter.errors import BadRequest, InvalidNetwork
+from adapter.errors import BadRequest, InvalidGroup, InvalidNetwork
+from adapter.groups import parse_group_names
 from adapter.model import (
     QUOTE_MAX,
     is_dns_label,
@@ -32,6 +33,7 @@ from adapter.network.ports import PortRequest
 CIDR_VAR = "SOCKETPLANE_CIDR"
 NETWORK_VAR = "SOCKETPLANE_NETWORK"
 ALIASES_VAR = "SOCKETPLANE_ALIASES"
+GROUPS_VAR = "SOCKETPLANE_GROUPS"
 
 LABEL_PREFIX = "io.powerplane."
 LABEL_ROLE = LABEL_PREFIX + "role"  # "sandbox" on sandboxes
@@ -50,6 +52,7 @@ LABEL_PORTS = LABEL_PREFIX + "ports"  # on apps: -p/-P/--expose, as adapter.netw
 # hostname onto the sandbox, so the app's own Config no longer tells it).
 LABEL_HOSTNAME = LABEL_PREFIX + "hostname"
 LABEL_ALIASES = LABEL_PREFIX + "aliases"  # comma-separated, as SOCKETPLANE_ALIASES
+LABEL_GROUPS = LABEL_PREFIX + "groups"  # on apps: comma-separated, as SOCKETPLANE_GROUPS
 SANDBOX_ROLE = "sandbox"
 
 # Network modes that mean "Docker's default"; anything else is the user's explicit choice.
@@ -122,6 +125,29 @@ def aliases_of(body: Mapping[str, Any]) -> tuple[str, ...]:
         key, _, value = entry.partition("=")
         if key == ALIASES_VAR and value.strip():
             return parse_aliases(value)
+    return ()
+
+
+def groups_label(labels: Mapping[str, str]) -> tuple[str, ...]:
+    """The security groups an app's label holds (checked again: anyone can set a label; one
+    that does not hold group names gives none)."""
+    text = labels.get(LABEL_GROUPS) or ""
+    try:
+        return parse_group_names(text)
+    except InvalidGroup:
+        return ()
+
+
+def groups_of(body: Mapping[str, Any]) -> tuple[str, ...]:
+    """``SOCKETPLANE_GROUPS=web,admin`` of an overlay create (its Env already checked): the
+    names, validated (whether the groups exist is the caller's consistent read)."""
+    for entry in body.get("Env") or ():
+        key, _, value = entry.partition("=")
+        if key == GROUPS_VAR:
+            try:
+                return parse_group_names(value)
+            except InvalidGroup as exc:
+                raise InvalidGroup(f"{GROUPS_VAR}: {exc.message}") from None
     return ()
 
 
@@ -247,6 +273,7 @@ class CreateRequest:
     app_name: str | None
     ports: PortRequest = field(default_factory=PortRequest)
     aliases: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()  # SOCKETPLANE_GROUPS, names checked, existence not yet
 
     @property
     def name(self) -> str:
@@ -279,7 +306,8 @@ class CreateRequest:
             return None
         check_types(body, app_name=app_name)
         check_compatible(body)
-        return cls(overlay, body, app_name, PortRequest.parse(body), aliases_of(body))
+        return cls(overlay, body, app_name, PortRequest.parse(body), aliases_of(body),
+                   groups_of(body))
 
     def sandbox(self, *, image: str, labels: Mapping[str, str],
                 gateway: str | None = None) -> SandboxSpec:

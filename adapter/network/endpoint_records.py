@@ -33,9 +33,10 @@ class EndpointRecords:
         if safe_key(container_id):
             await self._kv.delete(f"endpoints/{container_id}")
 
-    async def all(self, *, host: str | None = None) -> list[Endpoint]:
+    async def all(self, *, host: str | None = None,
+                  consistent: bool = False) -> list[Endpoint]:
         """Every endpoint (of ``host``, if given), by network and address."""
-        endpoints = parse_endpoints(await self._kv.items("endpoints/"))
+        endpoints = parse_endpoints(await self._kv.items("endpoints/", consistent=consistent))
         return [e for e in endpoints if host is None or e.host == host]
 
     def watch(self) -> AsyncIterator[list[Endpoint]]:

@@ -34,6 +34,7 @@ from adapter.network.create_rewrite import (
     LABEL_CIDR,
     LABEL_CREATION,
     LABEL_GATEWAY,
+    LABEL_GROUPS,
     LABEL_HOST,
     LABEL_HOSTNAME,
     LABEL_IP,
@@ -107,6 +108,7 @@ class Attachment:
     ports: PublishedPorts = field(default_factory=PublishedPorts)
     hostname: str = ""
     aliases: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
 
     def app_labels(self, host_id: str) -> dict[str, str]:
         return {
@@ -123,6 +125,7 @@ class Attachment:
             LABEL_PORTS: self.ports.encode() if self.ports else "",
             LABEL_HOSTNAME: self.hostname,
             LABEL_ALIASES: ",".join(self.aliases),
+            LABEL_GROUPS: ",".join(self.groups),
         }
 
 
@@ -207,6 +210,9 @@ class EndpointManager:
         # leaves not even the network it named.
         if self._readiness is not None:
             await self._readiness.wait_for(DATAPLANE, self._settings.dataplane_wait)
+        if request.groups:
+            # A consistent read, before anything is claimed: an unknown group leaves nothing.
+            await self._state.groups.require(request.groups)
         # Ports before the network, for the same reason: a taken port leaves nothing behind.
         claim = await self._ports.claim(request.ports, image=request.image,
                                         endpoint=(request.app_name or "").lstrip("/") or None)
@@ -241,7 +247,8 @@ class EndpointManager:
         log.info("sandbox %s on %s holds %s", sandbox_id[:12], network.name, ip)
         return Attachment(network=network, ip=ip, mac=port.mac, port=port.port,
                           sandbox_id=sandbox_id, ports=claim.ports,
-                          hostname=request.hostname(sandbox_id), aliases=request.aliases)
+                          hostname=request.hostname(sandbox_id), aliases=request.aliases,
+                          groups=request.groups)
 
     async def _create_sandbox(self, request: CreateRequest, network: Network) -> str:
         labels = {
@@ -264,16 +271,16 @@ class EndpointManager:
 
     async def commit(self, *, app_id: str, network: str, ip: str, mac: str, port: str,
                      sandbox_id: str, name: str = "", hostname: str = "",
-                     aliases: tuple[str, ...] = ()) -> None:
+                     aliases: tuple[str, ...] = (), groups: tuple[str, ...] = ()) -> None:
         """The app container exists: record the endpoint under its id, with the names the
-        DNS server answers for it."""
+        DNS server answers for it and the security groups it joined."""
         claim = self._port_claims.pop(sandbox_id, None)
         if claim is not None:
             self._ports.settle(claim)
         await self._state.endpoints.put(Endpoint(
             container_id=app_id, network=network, ip=ip, mac=mac, host=self.host_id,
             port=port, sandbox=sandbox_id, name=name.lstrip("/"), hostname=hostname,
-            aliases=aliases))
+            aliases=aliases, groups=groups))
         self._committed_at[sandbox_id] = time.monotonic()
         self._pending.pop(sandbox_id, None)
         self._sandbox_of_app[app_id] = sandbox_id

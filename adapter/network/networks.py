@@ -3,7 +3,8 @@
     networks/<name>            {name, cidr, gateway, vni, mtu, created}
     subnets/<cidr>             network name          (no two networks share a subnet)
     vnis/<vni>                 network name          (VNIs unique)
-    meta/networks-version      bumped with CAS by every network creation
+    meta/networks-version      bumped with CAS by every network creation and removal, and by
+                               every connection of two networks (adapter.network.connections)
 
 Every creation bumps ``meta/networks-version`` with CAS in the same transaction that claims the
 name, subnet and VNI, so the overlap check can never be raced: a concurrent creation makes our
@@ -21,6 +22,8 @@ from typing import Any
 
 from adapter.errors import InvalidNetwork, NetworkConflict, NetworkNotFound
 from adapter.model import Network, NetworkSpec, quoted
+from adapter.network.connections import FOLDER as CONNECTIONS
+from adapter.network.connections import connections_of, pair_key, parse_pairs
 from adapter.network.consul_kv import ConsulKV, dump, safe_key
 from adapter.network.endpoint_records import EndpointRecords
 from adapter.network.watch import watch
@@ -150,26 +153,46 @@ class Networks:
         return watch(self._kv, "networks/", parse_networks)
 
     async def delete(self, name: str, *, force: bool = False) -> None:
-        """Delete a network; refused while it has addresses allocated, unless ``force``."""
-        network = await self.get(name)
-        in_use = await self._kv.keys(f"addresses/{name}/")
-        if in_use and not force:
-            raise NetworkConflict(
-                f"network {name!r} still has {len(in_use)} address(es) in use; remove its "
-                "containers first or force the removal"
-            )
-        found = await self._kv.get(f"networks/{name}")
-        if found is None:
-            raise NetworkNotFound(f"network {name!r} vanished while being removed")
-        result = await self._kv.txn([
-            self._kv.op("delete-cas", f"networks/{name}", index=found[1]),
-            self._kv.op("delete", f"subnets/{network.cidr}"),
-            self._kv.op("delete", f"vnis/{network.vni}"),
-            self._kv.op("delete-tree", f"addresses/{name}/"),
-            self._kv.op("delete", f"ipam/{name}"),
-        ])
-        if not result.ok:
-            raise NetworkConflict(f"network {name!r} changed while being removed; try again")
+        """Delete a network; refused while it has addresses allocated or is connected to another
+        network, unless ``force`` (which also disconnects it)."""
+        for attempt in range(CREATE_ATTEMPTS):
+            # Read first: a connection made after this read bumps it, and the removal retries.
+            version = await self._kv.get(VERSION_KEY)
+            network = await self.get(name)
+            in_use = await self._kv.keys(f"addresses/{name}/")
+            if in_use and not force:
+                raise NetworkConflict(
+                    f"network {name!r} still has {len(in_use)} address(es) in use; remove its "
+                    "containers first or force the removal"
+                )
+            pairs = [pair for pair in parse_pairs(await self._kv.items(CONNECTIONS))
+                     if name in pair]
+            if pairs and not force:
+                others = connections_of(pairs, name)
+                raise NetworkConflict(
+                    f"network {name!r} is connected to {', '.join(others)}; disconnect it first "
+                    f"(powerplane network disconnect {name} {others[0]}) or force the removal")
+            found = await self._kv.get(f"networks/{name}")
+            if found is None:
+                raise NetworkNotFound(f"network {name!r} vanished while being removed")
+            result = await self._kv.txn([
+                self._kv.op("cas", VERSION_KEY, str(_version_number(version) + 1),
+                            version[1] if version else 0),
+                self._kv.op("delete-cas", f"networks/{name}", index=found[1]),
+                self._kv.op("delete", f"subnets/{network.cidr}"),
+                self._kv.op("delete", f"vnis/{network.vni}"),
+                self._kv.op("delete-tree", f"addresses/{name}/"),
+                self._kv.op("delete", f"ipam/{name}"),
+                *(self._kv.op("delete", CONNECTIONS + pair_key(*pair)) for pair in pairs),
+            ])
+            if result.ok:
+                break
+            if 0 not in result.failed:
+                raise NetworkConflict(f"network {name!r} changed while being removed; try again")
+            await asyncio.sleep(random.uniform(0.0, 0.02 * (attempt + 1)))
+        else:
+            raise NetworkConflict(f"network {name!r}: network state kept changing while it was "
+                                  "being removed; try again")
         if force:
             for endpoint in await self._endpoints.all():
                 if endpoint.network == name:

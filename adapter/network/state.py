@@ -5,6 +5,8 @@
     endpoints   endpoints/<container-id>                            (module endpoint_records)
     hosts       hosts/<host-id>, held by TTL sessions               (module hosts)
     floating    floating/<ip>                                       (module floating)
+    groups      groups/<name>, meta/groups-version                  (module group_state)
+    connections connections/<A>+<B>                                 (module connections)
 
 All of them talk to Consul through one ``ConsulKV`` (the only module importing ``consul``).
 Constructing ``State`` touches nothing; the connection opens on first use.
@@ -13,16 +15,19 @@ Constructing ``State`` touches nothing; the connection opens on first use.
 from __future__ import annotations
 
 from adapter.network.addresses import Addresses
+from adapter.network.connections import Connections
 from adapter.network.consul_kv import ConsulKV
 from adapter.network.endpoint_records import EndpointRecords
 from adapter.network.floating import FloatingIPs
+from adapter.network.group_state import GroupStore
 from adapter.network.hosts import Hosts
 from adapter.network.networks import VERSION_KEY, Networks
 from adapter.settings import Settings
 
 
 class State:
-    """Networks, addresses, endpoints, hosts and floating addresses, as every host sees them."""
+    """Networks, addresses, endpoints, hosts, floating addresses, security groups and the
+    connections between networks, as every host sees them."""
 
     def __init__(self, settings: Settings) -> None:
         self.kv = ConsulKV(settings)
@@ -31,6 +36,8 @@ class State:
         self.addresses = Addresses(self.kv)
         self.hosts = Hosts(self.kv, settings)
         self.floating = FloatingIPs(self.kv)
+        self.groups = GroupStore(self.kv, self.endpoints)
+        self.connections = Connections(self.kv)
 
     @property
     def address(self) -> str:
