@@ -1,7 +1,8 @@
 """Port security and group enforcement in the switch: 2 namespace hosts, real userspace OVS.
 
 Containers are namespaces plugged through DataPlane (as tests/test_dataplane_lab.py does); the
-group rules are handed to the switch directly, compiled as the network layer would. Spoofed
+groups are written to Consul, and each host's agent (the runtime serve runs) compiles them and
+keeps them in its switch. Spoofed
 frames are sent from inside a container's namespace with a raw socket (root there stands for a
 container with NET_ADMIN) and counted where they would arrive with tcpdump; each spoofing check
 has a control, the same frames with the true source, which must arrive, so a capture that sees
@@ -58,16 +59,25 @@ def boxes(lab2: Lab) -> dict[str, LabHost]:
         lab2.dataplane(index, {"op": "plug", "container_id": cid(name), "netns": ns.netns_path,
                                "network": network, "ip": ip, "groups": groups})
         found[name] = ns
-    allow_http(lab2)
+    lab2.dataplane(0, {"op": "create_group", "name": "web"})
+    lab2.dataplane(0, {"op": "add_rule", "name": "web", "proto": "tcp", "port": "80",
+                       "source": f"{CLIENT}/32"})
     deadline = time.monotonic() + 30
     while ping(found["client"], OPEN).returncode != 0:
         assert time.monotonic() < deadline, "client never reached open across hosts"
     return found
 
 
-def allow_http(lab: Lab, *extra: dict[str, Any]) -> None:
-    lab.dataplane(0, {"op": "set_security", "allows": {"web": [
-        {"proto": "tcp", "ports": [80, 80], "sources": [f"{CLIENT}/32"]}, *extra]}})
+def rule(lab: Lab, verb: str, proto: str, port: str | None, source: str) -> None:
+    lab.dataplane(0, {"op": f"{verb}_rule", "name": "web", "proto": proto, "port": port,
+                      "source": source})
+
+
+def until(what: str, check: Any, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"not within {seconds:g} s: {what}"
+        time.sleep(0.1)
 
 
 def ping(source: LabHost, ip: str, count: int = 1) -> subprocess.CompletedProcess[str]:
@@ -94,6 +104,7 @@ def test_a_guarded_container_accepts_only_what_its_group_allows(boxes: dict[str,
                                                                  ) -> None:
     servers = [serve_tcp(boxes["web"], 80), serve_tcp(boxes["web"], 81)]
     try:
+        until("the agent's rules let client in", lambda: fetch(boxes["client"], WEB, 80))
         assert fetch(boxes["client"], WEB, 80) == "hello"
         assert fetch(boxes["client"], WEB, 81) == ""  # not allowed: times out
         assert fetch(boxes["spoofer"], WEB, 80) == ""  # allowed from client only
@@ -114,17 +125,18 @@ def test_a_rule_added_lets_in_and_removed_stops_without_cutting(lab2: Lab,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.3)
     try:
-        allow_http(lab2, {"proto": "icmp", "sources": [CIDR]},
-                   {"proto": "tcp", "ports": [82, 82], "sources": [CIDR]})
-        assert ping(boxes["client"], WEB).returncode == 0
+        rule(lab2, "add", "icmp", None, CIDR)
+        rule(lab2, "add", "tcp", "82", CIDR)
+        until("client pings web", lambda: ping(boxes["client"], WEB).returncode == 0)
         # A connection opened while allowed, kept open across the rule's removal.
         chat = boxes["client"].popen(
             [sys.executable, "-c", CHAT, WEB, "82"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, text=True, cwd=REPO)
         assert chat.stdout is not None and chat.stdin is not None
         assert chat.stdout.readline().strip() == "echo one"
-        allow_http(lab2)
-        assert ping(boxes["client"], WEB).returncode != 0
+        rule(lab2, "remove", "icmp", None, CIDR)
+        rule(lab2, "remove", "tcp", "82", CIDR)
+        until("client no longer pings web", lambda: ping(boxes["client"], WEB).returncode != 0)
         chat.stdin.write("go\n")
         chat.stdin.flush()
         assert chat.stdout.readline().strip() == "echo two"

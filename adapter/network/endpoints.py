@@ -47,6 +47,7 @@ from adapter.network.create_rewrite import (
     SANDBOX_ROLE,
     CreateRequest,
     OverlayRequest,
+    groups_label,
 )
 from adapter.network.docker_api import Docker
 from adapter.network.locks import KeyedLocks
@@ -79,7 +80,7 @@ class DataPlaneLike(Protocol):
     """The part of ``adapter.dataplane.switch.DataPlane`` endpoints need."""
 
     async def plug(self, *, container_id: str, netns: int | str, network: Network,
-                   ip: str) -> PluggedPortLike: ...
+                   ip: str, groups: Iterable[str] = ()) -> PluggedPortLike: ...
 
     async def unplug(self, container_id: str) -> None: ...
 
@@ -239,7 +240,7 @@ class EndpointManager:
                     raise PowerplaneError(
                         f"sandbox {sandbox_id[:12]} stopped right after it started")
                 port = await self._dataplane.plug(container_id=sandbox_id, netns=pid,
-                                                  network=network, ip=ip)
+                                                  network=network, ip=ip, groups=request.groups)
                 self._plugged_pid[sandbox_id] = pid
         except BaseException:
             await asyncio.shield(self._undo(sandbox_id, network.name, ip))
@@ -255,6 +256,9 @@ class EndpointManager:
             LABEL_ROLE: SANDBOX_ROLE,
             LABEL_NETWORK: network.name,
             LABEL_HOST: self.host_id,
+            # The sandbox's port carries them too: a sandbox re-plugged after a restart is
+            # guarded again before its record is read.
+            LABEL_GROUPS: ",".join(request.groups),
         }
         if request.app_name:
             labels[LABEL_APP_NAME] = request.app_name
@@ -408,7 +412,7 @@ class EndpointManager:
                 # and the bridge keeps a port for a device that is gone. Start from nothing.
                 await self._dataplane.unplug(sandbox_id)
             await self._dataplane.plug(container_id=sandbox_id, netns=pid, network=network,
-                                       ip=ip)
+                                       ip=ip, groups=groups_label(labels))
             self._plugged_pid[sandbox_id] = pid
 
     async def _address_of(self, network: str, sandbox_id: str) -> str | None:

@@ -10,7 +10,8 @@ One start sequence, whether or not other hosts exist:
        without one has no address for tunnels to end at), and run the host agent (Docker
        events and periodic reconciliation), and answer for the floating addresses attached to
        containers here, and answer DNS on every gateway address of this host from the name
-       cache (which follows Consul on its own and keeps its last names while Consul is down)
+       cache (which follows Consul on its own and keeps its last names while Consul is down),
+       and keep the security groups and connected networks in the switch
 
 Neither Consul nor OVS has to be up for the proxy to serve plain Docker traffic. A create that
 arrives while the data plane is coming up waits for it (``dataplane_wait``), then fails with
@@ -39,6 +40,7 @@ from adapter.network.endpoints import EndpointManager
 from adapter.network.floating_host import FloatingFollower
 from adapter.network.names import NameCache
 from adapter.network.readiness import CONSUL, DATAPLANE, Readiness
+from adapter.network.security import SecurityReconciler
 from adapter.network.state import State
 from adapter.network.tunnels import TunnelReconciler
 from adapter.settings import Settings
@@ -110,6 +112,11 @@ async def host_runtime(settings: Settings, readiness: Readiness) -> AsyncIterato
                                   name="powerplane-floating")
                 tasks.create_task(names.run(), name="powerplane-names")
                 tasks.create_task(dns(), name="powerplane-dns")
+                tasks.create_task(SecurityReconciler(
+                    dataplane, host_id=settings.host_id, groups=state.groups,
+                    endpoints=state.endpoints, networks=state.networks,
+                    connections=state.connections,
+                    interval=settings.reconcile_interval).run(), name="powerplane-security")
 
         task = asyncio.create_task(start_sequence(), name="powerplane-host-runtime")
         task.add_done_callback(_report_death)

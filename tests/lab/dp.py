@@ -2,7 +2,8 @@
 
 OPS is a JSON list of operations run in order; the output is a JSON list of their results.
 Operations: plug, unplug, plugged, tunnels, set_tunnels, gateways, set_gateways,
-set_published, set_security, flows, create_network (Consul).
+set_published, set_security, flows; in Consul: create_network, create_group, add_rule,
+remove_rule.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from adapter.dataplane.firewall import PublishedPort
 from adapter.dataplane.flows import Allow
 from adapter.dataplane.switch import DataPlane
+from adapter.groups import GroupRule
 from adapter.model import Host, Network, NetworkSpec
 from adapter.network.state import State
 from adapter.settings import CONSUL_OPTIONS, SERVE_OPTIONS, load_settings
@@ -62,6 +64,14 @@ async def run(ops: list[dict[str, Any]]) -> list[Any]:
                     group: [Allow(group, a["proto"], tuple(a["ports"]) if a.get("ports") else None,
                                   tuple(a["sources"])) for a in allows]
                     for group, allows in op["allows"].items()})
+                results.append(None)
+            elif kind in ("create_group", "add_rule", "remove_rule"):
+                if kind == "create_group":
+                    await state.groups.create(op["name"])
+                else:
+                    rule = GroupRule.parse(op["proto"], op.get("port"), op["source"])
+                    await (state.groups.add_rule(op["name"], rule) if kind == "add_rule"
+                           else state.groups.remove_rule(op["name"], rule))
                 results.append(None)
             elif kind == "flows":
                 results.append(await dataplane.flows())
