@@ -181,10 +181,16 @@ def _route_flows(route: RemoteEndpoint) -> list[str]:
         "move:NXM_OF_ETH_SRC[]->NXM_OF_ETH_DST[]", f"mod_dl_src:{route.mac}",
         "load:0x2->NXM_OF_ARP_OP[]", "move:NXM_NX_ARP_SHA[]->NXM_NX_ARP_THA[]",
         "move:NXM_OF_ARP_SPA[]->NXM_OF_ARP_TPA[]", f"load:{mac_hex}->NXM_NX_ARP_SHA[]",
-        f"load:{ip_hex}->NXM_OF_ARP_SPA[]", "IN_PORT"))
+        f"load:{ip_hex}->NXM_OF_ARP_SPA[]", FORGET_IN_PORT, f"output:{route.gateway_ofport}"))
     return [
         f"{owner},in_port={route.gateway_ofport},arp,arp_op=1,arp_tpa={route.ip},"
         f"actions={answer}",
         f"{owner},in_port={route.gateway_ofport},dl_dst={route.mac},"
-        f"actions=output:{route.tunnel_ofport}",
+        f"actions={FORGET_IN_PORT},output:{route.tunnel_ofport}",
     ]
+
+
+# OVS refuses any output between two protected ports (gateways and tunnels both are, so that
+# NORMAL keeps them apart) and any output back to the input port. These two flows are the
+# deliberate exceptions: they forget the input port first, which ends both checks for them only.
+FORGET_IN_PORT = "load:0->NXM_OF_IN_PORT[]"

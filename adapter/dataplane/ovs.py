@@ -104,8 +104,11 @@ class Ovs:
         datapath: str = "system",
         hwaddr: str | None = None,
         ports: Iterable[str] = (),
+        fail_mode: str | None = None,
     ) -> None:
-        """Make bridge ``name`` exist with ``datapath`` (and MAC ``hwaddr``) holding ``ports``."""
+        """Make bridge ``name`` exist with ``datapath`` (and MAC ``hwaddr``) holding ``ports``;
+        ``fail_mode`` "secure" keeps ovs-vswitchd from installing a forward-everything flow
+        of its own (at start, or when it restarts)."""
         system_ports = list(ports)
 
         def work(api: Any) -> None:
@@ -115,6 +118,8 @@ class Ovs:
                 txn.add(api.db_set("Bridge", name, ("datapath_type", datapath)))
                 if hwaddr is not None:
                     txn.add(api.db_set("Bridge", name, ("other_config", {"hwaddr": hwaddr})))
+                if fail_mode is not None:
+                    txn.add(api.db_set("Bridge", name, ("fail_mode", fail_mode)))
                 for port in system_ports:
                     txn.add(api.add_port(name, port, may_exist=True))
 

@@ -238,7 +238,13 @@ class DataPlane:
             self.underlay_mac = self._underlay.mac
         elif self.settings.underlay_ip:
             underlay_mtu, self.underlay_mac = await underlay.underlay_link(self.settings)
-        await self.ovs.ensure_bridge(self.bridge, datapath=self.settings.datapath)
+        # Secure: a vswitchd (re)started without our flows forwards nothing rather than
+        # everything, so no guarded port is ever open while its flows are being put back. Not
+        # with a remote OVS, whose flow tables this host cannot reach to fill.
+        await self.ovs.ensure_bridge(self.bridge, datapath=self.settings.datapath,
+                                     fail_mode="secure" if self.openflow.reachable else None)
+        async with self._lock:
+            await self._apply_flows(await self._ports())
         if self.settings.mtu is None:
             self._mtu = underlay_mtu - VXLAN_OVERHEAD
 

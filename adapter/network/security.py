@@ -128,7 +128,7 @@ class SecurityReconciler:
                                   self._latest["networks"])
         if force or compiled != self._applied:
             await self._switch.set_security(compiled)
-            if self._applied is not None:
+            if self._applied is not None and compiled != self._applied:
                 log.info("security groups: %d groups, %d allow rules in force", len(compiled),
                          sum(len(a) for a in compiled.values()))
             self._applied = compiled
