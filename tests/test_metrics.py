@@ -13,6 +13,7 @@ import asyncio
 import io
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -347,3 +348,29 @@ async def test_debug_level_logs_each_request(tmp_path: Path, captured: io.String
     pings = [line for line in lines(captured) if line["logger"] == "adapter.proxy.session"
              and line["message"].startswith("GET /_ping: 200 in ")]
     assert len(pings) == 2 and pings[0]["request"] != pings[1]["request"]
+
+
+def exported_names() -> set[str]:
+    """Every sample name the registry can export (counters' _total, histograms' parts)."""
+    names = set()
+    for family in Metrics().registry.collect():
+        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
+                    "gauge": ("",)}[family.type]
+        names.update(family.name + suffix for suffix in suffixes)
+    return names
+
+
+def test_docs_and_deploy_examples_use_real_metric_names() -> None:
+    """docs/metrics.md lists every metric; the dashboard and the rules use only real names."""
+    root = Path(__file__).resolve().parent.parent
+    exported = exported_names()
+    doc = (root / "docs" / "metrics.md").read_text()
+    families = {family.name + ("_total" if family.type == "counter" else "")
+                for family in Metrics().registry.collect()}
+    assert len(families) >= 19
+    assert not [name for name in families if f"`{name}`" not in doc]
+    dashboard = json.loads((root / "deploy" / "grafana-dashboard.json").read_text())
+    expressions = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    rules = (root / "deploy" / "powerplane-rules.yml").read_text()
+    used = set(re.findall(r"\bpowerplane_[a-z_]+", " ".join(expressions) + rules))
+    assert used and used <= exported, used - exported
