@@ -11,12 +11,14 @@ are listed in docs/metrics.md.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
 from adapter import __version__
@@ -40,13 +42,8 @@ class Metrics:
         Gauge("powerplane_build_info", "Always 1; the running version as a label.",
               ["version"], registry=registry).labels(__version__).set(1)
         # Proxy (ProxyObserver)
-        self._requests = Counter(
-            "powerplane_proxy_requests", "Docker API requests answered through the proxy, by "
-            "route class and HTTP status.", ["route", "status"], registry=registry)
-        self._request_seconds = Histogram(
-            "powerplane_proxy_request_duration_seconds", "From a request's head to its "
-            "answer's head, by route class (a stream's own length is not counted).",
-            ["route"], buckets=REQUEST_BUCKETS, registry=registry)
+        self._requests = _ProxyRequests()
+        registry.register(self._requests)
         self._hook_seconds = Histogram(
             "powerplane_hook_duration_seconds", "One hook call, by hook and phase (pre, post).",
             ["hook", "phase"], buckets=HOOK_BUCKETS, registry=registry)
@@ -54,8 +51,6 @@ class Metrics:
             "powerplane_hook_failures", "Hook calls that stopped their request, by hook, phase "
             "and reason (the error, e.g. network_not_found, pool_exhausted).",
             ["hook", "phase", "reason"], registry=registry)
-        # The label children of the hottest path, kept: a label look-up takes a lock and a hash.
-        self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         # IPAM
         self._allocations = Counter(
             "powerplane_ipam_allocations", "Overlay addresses claimed by this host, by network.",
@@ -107,12 +102,7 @@ class Metrics:
     # -- proxy -----------------------------------------------------------------------------------
 
     def answered(self, route: str, status: int, seconds: float) -> None:
-        children = self._request_children.get((route, status))
-        if children is None:
-            children = self._request_children[route, status] = (
-                self._requests.labels(route, str(status)), self._request_seconds.labels(route))
-        children[0].inc()
-        children[1].observe(seconds)
+        self._requests.answered(route, status, seconds)
 
     def hook_finished(self, hook: str, phase: str, seconds: float, failure: str | None) -> None:
         self._hook_seconds.labels(hook, phase).observe(seconds)
@@ -172,6 +162,61 @@ class Metrics:
         # In a thread: the walk over every series is the one thing here that grows.
         output = await asyncio.to_thread(encoder, self.registry)
         return output, content_type
+
+
+class _ProxyRequests:
+    """The proxy's requests, counted in plain numbers on the event loop and turned into metric
+    families only when scraped: the library's own counter and histogram take a lock and check
+    their state on every call, which cost a plain request about 10 us of its ~160 us CPU."""
+
+    REQUESTS = "powerplane_proxy_requests"
+    DURATION = "powerplane_proxy_request_duration_seconds"
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, int], int] = {}
+        # Per route: one count per bucket (the last one past every bound), then the sum.
+        self._durations: dict[str, list[float]] = {}
+
+    def answered(self, route: str, status: int, seconds: float) -> None:
+        key = (route, status)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        slots = self._durations.get(route)
+        if slots is None:
+            slots = self._durations[route] = [0.0] * (len(REQUEST_BUCKETS) + 2)
+        # A bucket counts what is at most its bound: the first bound >= seconds.
+        slots[bisect.bisect_left(REQUEST_BUCKETS, seconds)] += 1
+        slots[-1] += seconds
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families({}, {})
+
+    def collect(self) -> Iterator[Metric]:
+        # Scrapes run in a worker thread: each copy is one C call under the GIL, so the
+        # event loop's updates are never seen half done (at most between two copies).
+        counts = dict(self._counts)
+        durations = {route: list(slots) for route, slots in list(self._durations.items())}
+        yield from self._families(counts, durations)
+
+    def _families(self, counts: Mapping[tuple[str, int], int],
+                  durations: Mapping[str, list[float]]) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            self.REQUESTS, "Docker API requests answered through the proxy, by route class and "
+            "HTTP status.", labels=["route", "status"])
+        for (route, status), count in sorted(counts.items()):
+            requests.add_metric([route, str(status)], count)
+        yield requests
+        duration = HistogramMetricFamily(
+            self.DURATION, "From a request's head to its answer's head, by route class (a "
+            "stream's own length is not counted).", labels=["route"])
+        for route, slots in sorted(durations.items()):
+            cumulative = 0.0
+            buckets: list[tuple[str, float]] = []
+            for bound, observed in zip((*map(str, REQUEST_BUCKETS), "+Inf"), slots[:-1],
+                                       strict=True):
+                cumulative += observed
+                buckets.append((bound, cumulative))
+            duration.add_metric([route], buckets, slots[-1])
+        yield duration
 
 
 def _set_by_label(gauge: Gauge, values: Mapping[str, int]) -> None:
