@@ -48,6 +48,12 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum over every series of ``name`` that has ``labels`` (and any others)."""
+    return sum(v for (n, series), v in samples.items()
+               if n == name and set(labels.items()) <= set(series))
+
+
 def moved(before: Samples, after: Samples, name: str, **labels: str) -> float:
     return value(after, name, **labels) - value(before, name, **labels)
 
@@ -108,6 +114,14 @@ def test_counters_follow_the_flow(lab: E2ELab) -> None:
         assert moved(was, after, "powerplane_hook_failures_total", hook="network", phase="pre",
                      reason="network_not_found") == 0
         assert value(after, "powerplane_ipam_conflicts_total", network=NETWORK) == 0
+
+    # `docker exec`: its start turns into a raw stream, counted as hijacked, once.
+    was = scrape(a)
+    a.docker_cli("exec", created[a.name][0], "true")
+    after = scrape(a)
+    assert total(after, "powerplane_proxy_requests_total", route="hijacked") \
+        - total(was, "powerplane_proxy_requests_total", route="hijacked") == 1
+    assert moved(was, after, "powerplane_ipam_allocations_total", network=NETWORK) == 0
 
     # Gauges: endpoints here and everywhere, as Consul's watch delivers them to each host.
     for host, here in ((a, 3), (b, 2), (c, 0)):
