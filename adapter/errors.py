@@ -34,9 +34,12 @@ class PowerplaneError(Exception):
 
     status: int = 500
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        # What went wrong in one word, for metrics: the class's name unless a translation
+        # (a 404 answered as a 400) keeps the original's.
+        self.reason = reason or _snake_case(type(self).__name__)
 
     def __str__(self) -> str:
         return self.message
@@ -159,3 +162,8 @@ class NotReady(PowerplaneError):
     """A part of this host that the request needs did not come up within the wait allowed."""
 
     status = 503
+
+
+def _snake_case(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower()
+                   for i, c in enumerate(name))

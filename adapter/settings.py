@@ -56,6 +56,9 @@ class Settings:
     dataplane_wait: float = 30.0
     run_dir: Path = Path("/run/powerplane")
     log_level: str = "info"
+    # Metrics and log format (docs/metrics.md).
+    metrics_addr: tuple[str, int] | None = None  # (IP, port); None: no metrics listener
+    log_format: str = "text"
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -111,6 +114,13 @@ def _yes_no(value: str) -> bool:
     if word in ("0", "false", "no", "off"):
         return False
     raise ValueError("must be one of 1, true, yes, on, 0, false, no, off")
+
+
+def _log_level(value: str) -> str:
+    word = value.strip().lower()
+    if word not in ("debug", "info", "warning", "error"):
+        raise ValueError("must be debug, info, warning or error")
+    return word
 
 
 def _consul_addr(value: str) -> str:
@@ -221,12 +231,39 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("run_dir", "--run-dir", "where serve keeps its status file (status.json) for "
            "`powerplane status` (default /run/powerplane)", parse=_path, metavar="DIR"),
     Option("log_level", "--log-level", "debug, info, warning or error (default info)",
-           metavar="LEVEL"),
+           parse=_log_level, metavar="LEVEL"),
     FLOATING_RANGE,
     Option("dns_upstream", "--dns-upstream", "resolver the DNS server forwards names that are "
            "not containers' to; repeatable, tried in order (default: the nameservers of "
            "/etc/resolv.conf when serve starts)", parse=_dns_upstream, repeatable=True,
            metavar="IP[:PORT]"),
+)
+
+
+# -- metrics and log format -------------------------------------------------------------------
+
+METRICS_PORT = 9323  # dockerd's own --metrics-addr convention
+
+
+def _metrics_addr(value: str) -> tuple[str, int]:
+    return parse_host_port(value, METRICS_PORT)
+
+
+def _log_format(value: str) -> str:
+    word = value.strip().lower()
+    if word not in ("text", "json"):
+        raise ValueError("must be 'text' or 'json'")
+    return word
+
+
+OBSERVABILITY_OPTIONS: tuple[Option, ...] = (
+    Option("metrics_addr", "--metrics-addr", "serve Prometheus metrics at http://IP:PORT/metrics "
+           "(port 9323 when omitted, like dockerd's); off unless given. Anyone who reaches it "
+           "sees network names and counts: keep it on loopback or a management network",
+           parse=_metrics_addr, metavar="IP[:PORT]"),
+    Option("log_format", "--log-format", "text (default) or json: one object per line with "
+           "time, level, logger, message and the request, container and network it is about",
+           parse=_log_format, metavar="text|json"),
 )
 
 

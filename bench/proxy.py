@@ -6,9 +6,11 @@ baselines: ``socat`` (C) and ``bench/byte_relay.py`` (the least a Python asyncio
 HTTP). Three measurements, all in the same run:
 
 - p50/p99 of ``GET /_ping`` and ``GET /containers/json`` over one keep-alive connection per path
-  (direct dockerd socket, proxy, socat, byte relay); the paths are interleaved in shuffled rounds
-  so a noisy machine hurts all of them alike. What the proxy adds to the direct median is
-  compared with what socat adds: no process in the path can add less than a plain copier;
+  (direct dockerd socket, proxy, socat, byte relay, and a second proxy with ``--metrics-addr``);
+  the paths are interleaved in shuffled rounds so a noisy machine hurts all of them alike. What
+  the proxy adds to the direct median is compared with what socat adds: no process in the path
+  can add less than a plain copier; what metrics cost is the metered proxy's median over the
+  plain one's, and its CPU per request over the plain one's;
 - throughput of two long streams, direct, proxy and socat alternating, five times each, median
   MB/s: ``GET /containers/{id}/logs`` of a container that wrote 520 MB of 1 kB lines (a chunked
   multiplexed stream) and ``GET /images/get`` of a 600 MB image (``docker save``, a chunked tar);
@@ -39,6 +41,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: the repository's packages come from its root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.support.consul import free_port
 from tests.support.dockerd import DockerDaemon
 from tests.support.images import import_busybox
 from tests.support.serve import ServeProcess
@@ -225,12 +228,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
         workdir = Path(tmp)
-        daemon = serve = socat = byte_relay = None
+        daemon = serve = metered = socat = byte_relay = None
         relay_dir = Path(tempfile.mkdtemp(prefix="ppsc-", dir="/tmp"))
         try:
             daemon = DockerDaemon.start(workdir)
             import_busybox(daemon.url)
             serve = ServeProcess.start(workdir, daemon.url)
+            metrics_port = free_port()
+            metered = ServeProcess.start(workdir / "metered", daemon.url,
+                                         ["--metrics-addr", f"127.0.0.1:{metrics_port}"])
             relay = relay_dir / "socat.sock"
             socat = subprocess.Popen(
                 ["socat", f"UNIX-LISTEN:{relay},fork", f"UNIX-CONNECT:{daemon.socket}"],
@@ -248,7 +254,7 @@ def main() -> None:
                     raise TimeoutError("socat or the byte relay did not listen")
                 time.sleep(0.05)
             paths = {"direct": daemon.socket, "proxy": serve.socket, "socat": relay,
-                     "pyrelay": copier}
+                     "pyrelay": copier, "metrics": metered.socket}
             pid = serve.process.pid
             rss_start = _status_kb(pid, "VmHWM") / 1024
 
@@ -263,7 +269,8 @@ def main() -> None:
                 print(f"{'endpoint':<17} {'path':<7} {'p50 ms':>8} {'p99 ms':>8} "
                       f"{'p50/direct':>11} {'added ms':>9}")
                 added_ratios = []
-                relays = {"proxy": pid, "pyrelay": byte_relay.pid}
+                relays = {"proxy": pid, "pyrelay": byte_relay.pid,
+                          "metrics": metered.process.pid}
                 for endpoint in ("/_ping", "/containers/json"):
                     cpu_before = {name: _cpu_seconds(relay_pid)
                                   for name, relay_pid in relays.items()}
@@ -287,6 +294,12 @@ def main() -> None:
                           f"{socat_added * 1000:.0f} us: {ratio:.2f}x socat's; CPU per request: "
                           f"proxy {cpu_per_request['proxy'] * 1e6:.0f} us, Python byte relay "
                           f"{cpu_per_request['pyrelay'] * 1e6:.0f} us")
+                    print(f"{endpoint:<17} with --metrics-addr: p50 "
+                          f"{medians['metrics'] / medians['proxy']:.3f}x the plain proxy's "
+                          f"({(medians['metrics'] - medians['proxy']) * 1000:+.0f} us); CPU per "
+                          f"request {cpu_per_request['metrics'] * 1e6:.0f} us "
+                          f"({(cpu_per_request['metrics'] - cpu_per_request['proxy']) * 1e6:+.0f}"
+                          " us)")
                 worst = max(added_ratios)
                 verdicts.append(f"  added latency <= {TARGET_ADDED}x socat's: worst "
                                 f"{worst:.2f}x  {verdict(worst <= TARGET_ADDED)}")
@@ -334,8 +347,9 @@ def main() -> None:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(copier_process.pid, signal.SIGTERM)
                     copier_process.wait(timeout=10)
-            if serve is not None:
-                serve.stop()
+            for proxy_process in (serve, metered):
+                if proxy_process is not None:
+                    proxy_process.stop()
             if daemon is not None:
                 daemon.stop()
             shutil.rmtree(relay_dir, ignore_errors=True)

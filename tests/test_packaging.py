@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from adapter.settings import CONSUL_OPTIONS, SERVE_OPTIONS, load_settings
+from adapter.settings import CONSUL_OPTIONS, OBSERVABILITY_OPTIONS, SERVE_OPTIONS, load_settings
 from tests.support.dockerd import DockerDaemon
 from tests.support.env_file import read_env_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_DIRS = ("deploy", "tests", ".ci", "vagrant")
-ALL_OPTIONS = (*CONSUL_OPTIONS, *SERVE_OPTIONS)
+ALL_OPTIONS = (*CONSUL_OPTIONS, *SERVE_OPTIONS, *OBSERVABILITY_OPTIONS)
 
 
 def shell_scripts() -> list[Path]:

@@ -7,17 +7,29 @@ import asyncio
 import logging
 import signal
 from collections.abc import Mapping
-from typing import Any
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, Any
 
 import sdnotify
 
 from adapter.cli import configure_logging
 from adapter.network.readiness import CONSUL, DATAPLANE, LISTENERS, Readiness, StatusFile
-from adapter.settings import CONSUL_OPTIONS, SERVE_OPTIONS, add_options, load_settings
+from adapter.settings import (
+    CONSUL_OPTIONS,
+    OBSERVABILITY_OPTIONS,
+    SERVE_OPTIONS,
+    Settings,
+    add_options,
+    load_settings,
+)
+
+if TYPE_CHECKING:
+    from adapter.metrics import Metrics
 
 log = logging.getLogger("powerplane.serve")
 
 STATUS_FILE_NAME = "status.json"
+OPTIONS = (*SERVE_OPTIONS, *OBSERVABILITY_OPTIONS, *CONSUL_OPTIONS)
 
 
 def register(subparsers: Any) -> None:
@@ -27,7 +39,7 @@ def register(subparsers: Any) -> None:
         description="Listen like dockerd, relay every call to the real daemon, and run the "
                     "hooks named in adapters.yml (Powerstrip format) on the calls they match.",
     )
-    add_options(parser, (*SERVE_OPTIONS, *CONSUL_OPTIONS))
+    add_options(parser, OPTIONS)
     parser.set_defaults(handler=serve)
 
 
@@ -41,8 +53,8 @@ async def serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from adapter.proxy.listeners import INSECURE_TCP_FLAG, Listeners, plan_listeners
     from adapter.proxy.relay import make_proxy
 
-    settings = load_settings(args, environ, (*SERVE_OPTIONS, *CONSUL_OPTIONS))
-    configure_logging(settings.log_level)
+    settings = load_settings(args, environ, OPTIONS)
+    configure_logging(settings.log_level, settings.log_format)
     # Every configuration problem is found before anything starts.
     addresses, tls = plan_listeners(settings)
     adapters_config = (
@@ -61,12 +73,14 @@ async def serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     readiness.observe(status_file.write)
     status_file.write(readiness)
     try:
-        async with (
-            host_runtime(settings, readiness) as runtime,
-            make_proxy(settings,
-                       builtin_hooks={HOOK_NAME: NetworkHook(runtime.endpoints, runtime.docker)},
-                       adapters_config=adapters_config) as proxy,
-        ):
+        async with AsyncExitStack() as stack:
+            metrics = await _metrics(settings, readiness, stack)
+            runtime = await stack.enter_async_context(
+                host_runtime(settings, readiness, metrics))
+            proxy = await stack.enter_async_context(make_proxy(
+                settings,
+                builtin_hooks={HOOK_NAME: NetworkHook(runtime.endpoints, runtime.docker)},
+                adapters_config=adapters_config, observer=metrics))
             await listeners.start(addresses, tls, proxy.accept)
             for name in listeners.bound:
                 if not name.startswith("tcp"):
@@ -89,6 +103,24 @@ async def serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
     return 0
+
+
+async def _metrics(settings: Settings, readiness: Readiness,
+                   stack: AsyncExitStack) -> Metrics | None:
+    """With --metrics-addr, the registry and its listener (closed with ``stack``)."""
+    if settings.metrics_addr is None:
+        return None
+    from adapter.metrics import Metrics, metrics_listener  # the library only when asked for
+
+    metrics = Metrics()
+
+    def report(readiness: Readiness) -> None:
+        metrics.readiness({part: readiness.is_up(part) for part in readiness.parts})
+
+    report(readiness)
+    readiness.observe(report)
+    await stack.enter_async_context(metrics_listener(metrics, *settings.metrics_addr))
+    return metrics
 
 
 class _ReadinessReporter:

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
+from adapter import logs
 from adapter.errors import BadRequest, GroupNotFound, NetworkNotFound, PowerplaneError
 from adapter.network.create_rewrite import (
     LABEL_CIDR,
@@ -96,7 +97,8 @@ class NetworkHook:
             if method == "POST" and CREATE.match(path):
                 request = await self._pre_create(request)
             elif method == "POST" and (match := START.match(path)):
-                await self._pre_start(match["id"])
+                with logs.context(container=match["id"]):
+                    await self._pre_start(match["id"])
             elif method == "DELETE" and (match := DELETE.match(path)):
                 request = await self._pre_delete(request, match["id"])
             return {"PowerstripProtocolVersion": 1, "ModifiedClientRequest": request}
@@ -105,7 +107,8 @@ class NetworkHook:
         if method == "POST" and CREATE.match(path):
             await self._post_create(request, response, code)
         elif method == "DELETE" and (match := DELETE.match(path)) and 200 <= code < 300:
-            await self._post_delete(match["id"])
+            with logs.context(container=match["id"]):
+                await self._post_delete(match["id"])
         elif method == "GET" and LIST.match(path) and code == 200:
             response = _post_list(response)
         elif method == "GET" and INSPECT.match(path) and code == 200:
@@ -123,11 +126,13 @@ class NetworkHook:
         except (NetworkNotFound, GroupNotFound) as exc:
             # The docker CLI takes a 404 from create for "image not found" and would try to
             # pull it: a missing network or group must be a 400.
-            raise BadRequest(exc.message) from None
+            raise BadRequest(exc.message, reason=exc.reason) from None
         rewritten = create.rewritten(sandbox_id=attachment.sandbox_id,
                                      labels=attachment.app_labels(self._endpoints.host_id))
         log.info("create%s joins %s at %s", f" {create.app_name}" if create.app_name else "",
-                 attachment.network.name, attachment.ip)
+                 attachment.network.name, attachment.ip,
+                 extra=logs.fields(container=attachment.sandbox_id,
+                                   network=attachment.network.name))
         return {**request, "Body": _encode_like(request.get("Body"), rewritten)}
 
     async def _post_create(self, request: Mapping[str, Any], response: Mapping[str, Any],
@@ -142,16 +147,21 @@ class NetworkHook:
         created = _body(response) if 200 <= code < 300 else None
         app_id = created.get("Id") if isinstance(created, dict) else None
         if not app_id:
-            log.info("Docker refused the create (HTTP %s); releasing %s on %s", code, ip, network)
-            await self._endpoints.abandon(sandbox_id, network, ip)
+            log.info("Docker refused the create (HTTP %s); releasing %s on %s", code, ip, network,
+                     extra=logs.fields(container=sandbox_id, network=network))
+            with logs.context(container=sandbox_id, network=network):
+                await self._endpoints.abandon(sandbox_id, network, ip)
             return
-        await self._endpoints.commit(app_id=app_id, network=network, ip=ip,
-                                     mac=labels.get(LABEL_MAC, ""),
-                                     port=labels.get(LABEL_PORT, ""), sandbox_id=sandbox_id,
-                                     name=_query_name(request),
-                                     hostname=labels.get(LABEL_HOSTNAME, ""),
-                                     aliases=aliases_label(labels),
-                                     groups=groups_label(labels))
+        with logs.context(container=app_id, network=network):
+            await self._endpoints.commit(app_id=app_id, network=network, ip=ip,
+                                         mac=labels.get(LABEL_MAC, ""),
+                                         port=labels.get(LABEL_PORT, ""), sandbox_id=sandbox_id,
+                                         name=_query_name(request),
+                                         hostname=labels.get(LABEL_HOSTNAME, ""),
+                                         aliases=aliases_label(labels),
+                                         groups=groups_label(labels))
+            log.info("container %s is on %s at %s (sandbox %s)", app_id[:12], network, ip,
+                     sandbox_id[:12])
 
     async def _pre_start(self, container: str) -> None:
         sandbox_id = self._endpoints.sandbox_of(container)
@@ -168,7 +178,8 @@ class NetworkHook:
         except PowerplaneError as exc:
             # Docker has removed the container already; failing the answer would only hide
             # that. The agent releases the endpoint once Consul and OVS answer again.
-            log.warning("release after removing %s postponed: %s", container[:12], exc)
+            log.warning("release after removing %s postponed: %s", container[:12], exc,
+                        extra=logs.fields(container=container))
 
     async def _pre_delete(self, request: dict[str, Any], container: str) -> dict[str, Any]:
         try:
@@ -241,7 +252,9 @@ def _ports(container: Mapping[str, Any], labels: Mapping[str, Any]) -> Published
         # Anyone can set labels: Docker's answer goes out as it came. Not a warning: every
         # `docker ps` would repeat it; the host agent warns about such a label.
         log.debug("container %s: ignoring its label %s: %s",
-                  str(container.get("Id") or "?")[:12], LABEL_PORTS, exc)
+                  str(container.get("Id") or "?")[:12], LABEL_PORTS, exc,
+                  extra=logs.fields(container=str(container.get("Id") or ""),
+                                    network=str(labels.get(LABEL_NETWORK) or "")))
         return None
 
 

@@ -12,11 +12,15 @@ fill level (docs/state.md).
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from adapter.errors import NetworkNotFound, PoolExhausted
 from adapter.model import AddressRecord, Network, mac_for_ip, quoted
 from adapter.network.consul_kv import ConsulKV, dump, safe_key
 from adapter.network.locks import KeyedLocks
+
+if TYPE_CHECKING:
+    from adapter.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +33,9 @@ SMALL_NETWORK = 64
 class Addresses:
     """Allocation and release of overlay addresses."""
 
-    def __init__(self, kv: ConsulKV) -> None:
+    def __init__(self, kv: ConsulKV, metrics: Metrics | None = None) -> None:
         self._kv = kv
+        self._metrics = metrics
         # Allocations for one network from this process go one at a time: contention is then
         # only between hosts, and a burst of local requests costs no failed claims.
         self._allocation_locks = KeyedLocks()
@@ -41,16 +46,22 @@ class Addresses:
         Only after ``HINT_PROBES`` taken addresses in a row does it list the network's keys, once.
         """
         async with self._allocation_locks.hold(network.name):
-            if network.capacity > SMALL_NETWORK:
-                hint = await self._hint(network)
-                for step in range(HINT_PROBES):
-                    offset = (hint + step) % network.size
-                    ip = network.host_address(offset)
-                    if ip == network.gateway:
-                        continue
-                    if await self._claim(network, ip, offset, container, host):
-                        return ip
-            return await self._claim_from_listing(network, container, host)
+            ip = await self._allocate(network, container, host)
+        if self._metrics is not None:
+            self._metrics.address_allocated(network.name)
+        return ip
+
+    async def _allocate(self, network: Network, container: str, host: str) -> str:
+        if network.capacity > SMALL_NETWORK:
+            hint = await self._hint(network)
+            for step in range(HINT_PROBES):
+                offset = (hint + step) % network.size
+                ip = network.host_address(offset)
+                if ip == network.gateway:
+                    continue
+                if await self._claim(network, ip, offset, container, host):
+                    return ip
+        return await self._claim_from_listing(network, container, host)
 
     async def _hint(self, network: Network) -> int:
         # Only a hint: a stale one costs a failed claim, never a wrong one.
@@ -73,6 +84,8 @@ class Addresses:
             # Consul's own words say which check failed: a missing network, or something else.
             raise NetworkNotFound(f"network {network.name!r} not found while claiming {ip} "
                                   f"(Consul: {result.failed[0] or 'no reason given'})")
+        if not result.ok and self._metrics is not None:
+            self._metrics.address_conflict(network.name)
         return result.ok
 
     async def _claim_from_listing(self, network: Network, container: str, host: str) -> str:
@@ -83,6 +96,8 @@ class Addresses:
                 continue
             if await self._claim(network, ip, network.host_offset(ip), container, host):
                 return ip
+        if self._metrics is not None:
+            self._metrics.pool_exhausted(network.name)
         raise PoolExhausted(
             f"network {network.name!r} ({network.cidr}) has no free address: all "
             f"{network.capacity} are allocated"
@@ -92,6 +107,8 @@ class Addresses:
         """Free an address; releasing a free address is not an error."""
         if safe_key(network) and safe_key(ip):
             await self._kv.delete(f"addresses/{network}/{ip}")
+            if self._metrics is not None:
+                self._metrics.address_released(network)
 
     async def release_if_owned(self, network: str, ip: str, owner: str) -> bool:
         """Free ``ip`` only while ``owner`` holds it: one read, then a delete checked against
@@ -103,7 +120,10 @@ class Addresses:
         record = None if found is None else _address_record(network, ip, found[0])
         if found is None or record is None or record.container != owner:
             return False
-        return await self._kv.delete_if_unchanged(key, found[1])
+        released = await self._kv.delete_if_unchanged(key, found[1])
+        if released and self._metrics is not None:
+            self._metrics.address_released(network)
+        return released
 
     async def of_network(self, network: str) -> dict[str, AddressRecord]:
         """Every allocated address of ``network`` with its holder, in address order."""

@@ -18,9 +18,10 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
+from adapter import logs
 from adapter.dataplane.switch import port_name
 from adapter.errors import PowerplaneError
 from adapter.network.create_rewrite import (
@@ -40,6 +41,9 @@ from adapter.network.docker_api import Docker
 from adapter.network.endpoints import DataPlaneLike, EndpointManager
 from adapter.network.state import State
 from adapter.settings import Settings
+
+if TYPE_CHECKING:
+    from adapter.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,13 @@ class ReconcileReport:
     detached_floating: list[str] = field(default_factory=list)
     published: int = 0  # ports forwarded after the pass (a count, not a change)
 
+    def fixes(self) -> dict[str, int]:
+        """How many things of each kind this pass fixed (``published`` is no fix)."""
+        counts = {f.name: len(value) if isinstance(value, list) else int(value)
+                  for f in fields(self) if f.name != "published"
+                  for value in (getattr(self, f.name),)}
+        return {kind: count for kind, count in counts.items() if count}
+
     def changed(self) -> bool:
         return self.restored_bridge or any((
             self.released_endpoints, self.removed_sandboxes, self.removed_ports,
@@ -71,8 +82,10 @@ class ReconcileReport:
 
 class HostAgent:
     def __init__(self, settings: Settings, *, state: State, dataplane: DataPlaneLike,
-                 docker: Docker, endpoints: EndpointManager) -> None:
+                 docker: Docker, endpoints: EndpointManager,
+                 metrics: Metrics | None = None) -> None:
         self._settings = settings
+        self._metrics = metrics
         self._state = state
         self._dataplane = dataplane
         self._docker = docker
@@ -92,12 +105,17 @@ class HostAgent:
 
     async def _reconcile_forever(self) -> None:
         while True:
+            began = time.monotonic()
             try:
                 report = await self.reconcile()
                 if report.changed():
                     log.info("reconciled: %s", report)
             except PowerplaneError as exc:
                 log.warning("reconciliation postponed: %s", exc)
+                report = None
+            if self._metrics is not None:
+                self._metrics.reconciled(time.monotonic() - began,
+                                         None if report is None else report.fixes())
             self._wake.clear()
             # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation that
             # arrives as the event is set, and serve would never stop.
@@ -144,7 +162,8 @@ class HostAgent:
                 await self._endpoints.replug(container_id, labels)
         except PowerplaneError as exc:
             log.warning("handling %s of %s failed (%s); reconciliation will retry", action,
-                        container_id[:12], exc)
+                        container_id[:12], exc, extra=logs.fields(
+                            container=container_id, network=labels.get(LABEL_NETWORK)))
             self._wake.set()
 
     async def reconcile(self) -> ReconcileReport:

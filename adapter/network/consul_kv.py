@@ -27,7 +27,7 @@ import contextlib
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import consul.aio
@@ -38,6 +38,9 @@ from consul.exceptions import Timeout as ConsulTimeout
 
 from adapter.errors import ConsulAccessDenied, ConsulUnavailable, StateError
 from adapter.settings import Settings
+
+if TYPE_CHECKING:
+    from adapter.metrics import Metrics
 
 T = TypeVar("T")
 
@@ -86,10 +89,11 @@ def safe_key(part: str) -> bool:
 class ConsulKV:
     """One Consul agent's KV and session API; lazy: constructing it touches nothing."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self._settings = settings
         self.prefix = settings.consul_prefix
         self._client: consul.aio.Consul | None = None
+        self._metrics = metrics
         self.retries = 0  # requests asked again because of an election, since start
 
     @property
@@ -126,12 +130,23 @@ class ConsulKV:
                 return await self._call_once(request, seconds)
             except _Transient as exc:
                 if not retry or loop.time() + backoff > deadline:
-                    raise ConsulUnavailable(
+                    failure = ConsulUnavailable(
                         f"{exc.message} (still after {ELECTION_RETRY_SECONDS:g} s)"
-                        if retry else exc.message) from None
+                        if retry else exc.message)
+                    self._failed(failure)
+                    raise failure from None
                 self.retries += 1
+                if self._metrics is not None:
+                    self._metrics.consul_retried()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, RETRY_BACKOFF_MAX)
+            except StateError as exc:
+                self._failed(exc)
+                raise
+
+    def _failed(self, error: StateError) -> None:
+        if self._metrics is not None:
+            self._metrics.consul_failed(error.reason)
 
     async def _call_once(
         self, request: Callable[[consul.aio.Consul], Awaitable[T]], seconds: float

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from adapter import logs
 from adapter.dataplane.firewall import PublishedPort
 from adapter.dataplane.switch import port_name
 from adapter.errors import BadRequest, NetworkNotFound, PowerplaneError
@@ -245,7 +246,8 @@ class EndpointManager:
         except BaseException:
             await asyncio.shield(self._undo(sandbox_id, network.name, ip))
             raise
-        log.info("sandbox %s on %s holds %s", sandbox_id[:12], network.name, ip)
+        log.info("sandbox %s on %s holds %s", sandbox_id[:12], network.name, ip,
+                 extra=logs.fields(container=sandbox_id, network=network.name))
         return Attachment(network=network, ip=ip, mac=port.mac, port=port.port,
                           sandbox_id=sandbox_id, ports=claim.ports,
                           hostname=request.hostname(sandbox_id), aliases=request.aliases,
@@ -324,7 +326,8 @@ class EndpointManager:
         except PowerplaneError as exc:
             # Reconciliation will finish the job; the original error is what the user needs.
             log.warning("undo of sandbox %s incomplete (%s); reconciliation will retry",
-                        sandbox_id[:12], exc)
+                        sandbox_id[:12], exc,
+                        extra=logs.fields(container=sandbox_id, network=network))
         finally:
             self._pending.pop(sandbox_id, None)
 
@@ -358,9 +361,9 @@ class EndpointManager:
             await self.publish_ports()  # its ports, if it had any, stop forwarding
         except PowerplaneError as exc:
             log.warning("ports of %s still forwarded (%s); reconciliation will retry",
-                        endpoint.container_id[:12], exc)
+                        endpoint.container_id[:12], exc, extra=_about(endpoint))
         log.info("released %s on %s (container %s)", endpoint.ip, endpoint.network,
-                 endpoint.container_id[:12])
+                 endpoint.container_id[:12], extra=_about(endpoint))
 
     async def detach_app(self, app_id: str) -> bool:
         """Detach the endpoint recorded for ``app_id``, if any; True when there was one."""
@@ -401,7 +404,8 @@ class EndpointManager:
             ip = await self._address_of(network.name, sandbox_id)
             if ip is None:
                 log.warning("sandbox %s holds no address on %s; leaving it to reconciliation",
-                            sandbox_id[:12], network.name)
+                            sandbox_id[:12], network.name,
+                            extra=logs.fields(container=sandbox_id, network=network.name))
                 return
             if fresh and self._plugged_pid.get(sandbox_id) == pid:
                 # Plugged into this very namespace, maybe by a `start` event while the caller
@@ -424,3 +428,7 @@ class EndpointManager:
             if record.container == sandbox_id:
                 return ip
         return None
+
+
+def _about(endpoint: Endpoint) -> dict[str, str]:
+    return logs.fields(container=endpoint.container_id, network=endpoint.network)

@@ -13,8 +13,9 @@ import logging
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
+from adapter import logs
 from adapter.model import quoted
-from adapter.network.create_rewrite import LABEL_HOST, LABEL_IP, LABEL_PORTS
+from adapter.network.create_rewrite import LABEL_HOST, LABEL_IP, LABEL_NETWORK, LABEL_PORTS
 from adapter.network.ports import PortBinding, PublishedPorts
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,13 @@ def _short(app: Mapping[str, Any]) -> str:
     return str(app.get("Id") or "?")[:12]
 
 
+def _about(app: Mapping[str, Any]) -> dict[str, str]:
+    labels = app.get("Labels")
+    network = labels.get(LABEL_NETWORK) if isinstance(labels, Mapping) else None
+    return logs.fields(container=str(app.get("Id") or ""),
+                       network=network if isinstance(network, str) else None)
+
+
 def labelled_ports(apps: Iterable[Mapping[str, Any]],
                    host_id: str) -> Iterator[tuple[Mapping[str, Any], PublishedPorts]]:
     """Each app of ``host_id`` whose ports label holds any port, with those ports decoded."""
@@ -48,7 +56,7 @@ def labelled_ports(apps: Iterable[Mapping[str, Any]],
             ports = PublishedPorts.decode(text)
         except ValueError as exc:
             log.warning("container %s: ignoring its label %s=%s: %s", _short(app), LABEL_PORTS,
-                        quoted(text), exc)
+                        quoted(text), exc, extra=_about(app))
             continue
         if ports:
             yield app, ports
@@ -75,7 +83,7 @@ def published_ports(apps: Iterable[Mapping[str, Any]], host_id: str) -> list[Por
             if any(binding.collides(other) for other in others):
                 log.warning("container %s: %s:%d/%s is published by an older container; "
                             "not forwarded", _short(app), binding.address, binding.host_port,
-                            binding.proto)
+                            binding.proto, extra=_about(app))
                 continue
             others.append(binding)
             forwards.append(PortForward(binding.proto, binding.host_ip, binding.host_port,
@@ -96,5 +104,5 @@ def _overlay_ip(app: Mapping[str, Any]) -> str | None:
         return str(ipaddress.IPv4Address(text)) if isinstance(text, str) else None
     except ValueError:
         log.warning("container %s: label %s=%s is no IPv4 address; its ports are not "
-                    "forwarded", _short(app), LABEL_IP, quoted(text))
+                    "forwarded", _short(app), LABEL_IP, quoted(text), extra=_about(app))
         return None

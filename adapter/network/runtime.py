@@ -27,11 +27,12 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from adapter import __version__
 from adapter.dataplane.switch import DataPlane
 from adapter.errors import PowerplaneError
-from adapter.model import Host
+from adapter.model import Endpoint, Host
 from adapter.network.agent import HostAgent
 from adapter.network.dns_forward import Forwarder, host_upstreams, parse_upstream
 from adapter.network.dns_server import DnsServer, ListenerState, Resolver
@@ -44,6 +45,9 @@ from adapter.network.security import SecurityReconciler
 from adapter.network.state import State
 from adapter.network.tunnels import TunnelReconciler
 from adapter.settings import Settings
+
+if TYPE_CHECKING:
+    from adapter.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +65,15 @@ class HostRuntime:
 
 
 @asynccontextmanager
-async def host_runtime(settings: Settings, readiness: Readiness) -> AsyncIterator[HostRuntime]:
+async def host_runtime(settings: Settings, readiness: Readiness,
+                       metrics: Metrics | None = None) -> AsyncIterator[HostRuntime]:
     """Start this host's control plane in the background; stop all of it on exit.
 
     ``readiness`` must have the parts ``dataplane`` and ``consul``; they are marked up as the
-    start sequence reaches them.
+    start sequence reaches them. ``metrics``, when given, is told what happens.
     """
     async with AsyncExitStack() as stack:
-        state = State(settings)
+        state = State(settings, metrics)
         stack.push_async_callback(state.close)
         docker = Docker(settings.docker_url)
         stack.push_async_callback(docker.close)
@@ -79,9 +84,16 @@ async def host_runtime(settings: Settings, readiness: Readiness) -> AsyncIterato
         endpoints = EndpointManager(settings, state=state, dataplane=dataplane, docker=docker,
                                     readiness=readiness)
         agent = HostAgent(settings, state=state, dataplane=dataplane, docker=docker,
-                          endpoints=endpoints)
+                          endpoints=endpoints, metrics=metrics)
 
-        names = NameCache(state.endpoints.watch)
+        async def endpoint_listings() -> AsyncIterator[list[Endpoint]]:
+            # The names' own watch also counts endpoints for the metrics: no second one.
+            async for listing in state.endpoints.watch():
+                if metrics is not None:
+                    metrics.endpoints_listed(*_endpoint_counts(listing, settings.host_id))
+                yield listing
+
+        names = NameCache(endpoint_listings)
 
         def dns_listening(listening: list[ListenerState]) -> None:
             readiness.set_details(dns=[{"network": entry.network, "address": entry.address,
@@ -104,7 +116,7 @@ async def host_runtime(settings: Settings, readiness: Readiness) -> AsyncIterato
                         __version__, dataplane.underlay_mac)
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(_registered(state, host, readiness, dataplane,
-                                              settings.reconcile_interval),
+                                              settings.reconcile_interval, metrics),
                                   name="powerplane-host-registration")
                 tasks.create_task(agent.run(), name="powerplane-host-agent")
                 tasks.create_task(FloatingFollower(settings, state=state,
@@ -125,7 +137,7 @@ async def host_runtime(settings: Settings, readiness: Readiness) -> AsyncIterato
 
 
 async def _registered(state: State, host: Host, readiness: Readiness,
-                      dataplane: DataPlane, interval: float) -> None:
+                      dataplane: DataPlane, interval: float, metrics: Metrics | None) -> None:
     """Hold this host's registration; with an underlay IP, keep the tunnels in line."""
     backoff = RETRY_MIN_SECONDS
     while True:
@@ -137,7 +149,7 @@ async def _registered(state: State, host: Host, readiness: Readiness,
                 if host.underlay_ip:
                     await TunnelReconciler(dataplane, hosts=state.hosts, networks=state.networks,
                                            holders=state.endpoints.hosts_holding,
-                                           interval=interval).run()
+                                           interval=interval, metrics=metrics).run()
                 else:
                     await asyncio.Event().wait()  # nothing to follow; hold the session
         except PowerplaneError as exc:
@@ -145,6 +157,19 @@ async def _registered(state: State, host: Host, readiness: Readiness,
             log.warning("host registration: %s; retrying in %.1f s", exc, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RETRY_MAX_SECONDS)
+
+
+def _endpoint_counts(listing: list[Endpoint],
+                     host_id: str) -> tuple[dict[str, int], dict[str, int]]:
+    """Endpoints per network: this host's (0 where others have some), and everyone's."""
+    everywhere: dict[str, int] = {}
+    for endpoint in listing:
+        everywhere[endpoint.network] = everywhere.get(endpoint.network, 0) + 1
+    here = dict.fromkeys(everywhere, 0)
+    for endpoint in listing:
+        if endpoint.host == host_id:
+            here[endpoint.network] += 1
+    return here, everywhere
 
 
 async def _retry(start: Callable[[], Awaitable[None]], readiness: Readiness, part: str,

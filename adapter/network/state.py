@@ -14,6 +14,8 @@ Constructing ``State`` touches nothing; the connection opens on first use.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from adapter.network.addresses import Addresses
 from adapter.network.connections import Connections
 from adapter.network.consul_kv import ConsulKV
@@ -24,16 +26,19 @@ from adapter.network.hosts import Hosts
 from adapter.network.networks import VERSION_KEY, Networks
 from adapter.settings import Settings
 
+if TYPE_CHECKING:
+    from adapter.metrics import Metrics
+
 
 class State:
     """Networks, addresses, endpoints, hosts, floating addresses, security groups and the
     connections between networks, as every host sees them."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.kv = ConsulKV(settings)
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.kv = ConsulKV(settings, metrics)
         self.endpoints = EndpointRecords(self.kv)
         self.networks = Networks(self.kv, settings, self.endpoints)
-        self.addresses = Addresses(self.kv)
+        self.addresses = Addresses(self.kv, metrics)
         self.hosts = Hosts(self.kv, settings)
         self.floating = FloatingIPs(self.kv)
         self.groups = GroupStore(self.kv, self.endpoints)

@@ -27,11 +27,14 @@ import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from adapter.dataplane.switch import DataPlane, TunnelChange
 from adapter.errors import PowerplaneError
 from adapter.model import Host, Network
+
+if TYPE_CHECKING:
+    from adapter.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +60,9 @@ class TunnelReconciler:
 
     def __init__(self, dataplane: DataPlane, *, hosts: Follows, networks: Follows,
                  holders: Callable[[], Awaitable[set[str]]] | None = None,
-                 interval: float | None = None) -> None:
+                 interval: float | None = None, metrics: Metrics | None = None) -> None:
         self.dataplane = dataplane
+        self._metrics = metrics
         self._host_list = hosts
         self._network_list = networks
         self._holders = holders
@@ -107,6 +111,11 @@ class TunnelReconciler:
                      len(change.removed),
                      ", ".join(sorted({t.remote_ip for t in change.added})) or "-",
                      ", ".join(sorted({t.remote_ip for t in change.removed})) or "-")
+        if self._metrics is not None:
+            # Counted on the bridge, not from the lists: what is really there.
+            tunnels = await self.dataplane.tunnels()
+            self._metrics.tunnels_set(tunnels=len(tunnels),
+                                      peers=len({t.host_id for t in tunnels}))
         return change
 
     async def _follow_hosts(self) -> None:

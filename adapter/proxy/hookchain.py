@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from fnmatch import translate
@@ -23,8 +24,10 @@ from typing import Any
 
 import aiohttp
 
+from adapter import logs
 from adapter.errors import ConfigError, HookError, PowerplaneError
 from adapter.proxy.adapters_config import AdaptersConfig
+from adapter.proxy.observer import POST, PRE, ProxyObserver
 from adapter.proxy.powerstrip import BuiltinHook, PowerstripMessage
 
 log = logging.getLogger(__name__)
@@ -105,9 +108,11 @@ class _MethodTable:
 class HookChain:
     """The resolved hook table; ``match`` picks hooks, ``run_pre``/``run_post`` run them."""
 
-    def __init__(self, routes: tuple[_Route, ...], session: aiohttp.ClientSession | None) -> None:
+    def __init__(self, routes: tuple[_Route, ...], session: aiohttp.ClientSession | None,
+                 observer: ProxyObserver | None = None) -> None:
         self._routes = routes
         self._session = session
+        self._observer = observer
         # Compiled once: matching runs before every request is relayed.
         methods = {route.method for route in routes} - {"*"}
         self._tables = {method: self._compile(method) for method in methods}
@@ -125,6 +130,7 @@ class HookChain:
         session: aiohttp.ClientSession | None,
         *,
         skip_unknown: bool = False,
+        observer: ProxyObserver | None = None,
     ) -> HookChain:
         """Resolve every name in ``config``; an unknown name is a ConfigError naming the file.
 
@@ -148,7 +154,7 @@ class HookChain:
             if pre or post:
                 routes.append(_Route(endpoint.method, endpoint.path_pattern,
                                      MatchedHooks(pre, post)))
-        return cls(tuple(routes), session)
+        return cls(tuple(routes), session, observer)
 
     @staticmethod
     def check_names(config: AdaptersConfig, builtin_names: Collection[str]) -> None:
@@ -217,13 +223,26 @@ class HookChain:
         return response
 
     async def _call(self, hook: Hook, message: PowerstripMessage) -> PowerstripMessage:
+        phase = PRE if message["Type"] == "pre-hook" else POST
+        started = time.perf_counter()
         try:
-            if hook.builtin is not None:
-                return await self._call_builtin(hook, hook.builtin, message)
-            return await self._call_external(hook, message)
+            with logs.context(hook=hook.name):
+                if hook.builtin is not None:
+                    reply = await self._call_builtin(hook, hook.builtin, message)
+                else:
+                    reply = await self._call_external(hook, message)
         except PowerplaneError as exc:
-            log.warning("%s hook %s failed: %s", message["Type"], hook.name, exc.message)
+            self._finished(hook, phase, started, exc.reason)
+            log.warning("%s hook %s failed: %s", message["Type"], hook.name, exc.message,
+                        extra=logs.fields(hook=hook.name))
             raise
+        self._finished(hook, phase, started, None)
+        return reply
+
+    def _finished(self, hook: Hook, phase: str, started: float, failure: str | None) -> None:
+        if self._observer is not None:
+            self._observer.hook_finished(hook.name, phase, time.perf_counter() - started,
+                                         failure)
 
     @staticmethod
     async def _call_builtin(hook: Hook, builtin: BuiltinHook,

@@ -14,6 +14,7 @@ import json
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
+from adapter import logs
 from adapter.errors import BadRequest, RequestTooLarge, UpstreamError
 from adapter.proxy.connection import ConnectionSide
 from adapter.proxy.hookchain import ClientRequest, MatchedHooks, ServerResponse
@@ -31,7 +32,11 @@ FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding"})
 async def hooked_exchange(
     session: Session, head: Head, hooks: MatchedHooks, framing: Framing, length: int
 ) -> None:
-    """Relay ``head`` (its body still unread in the client's buffer) through ``hooks``."""
+    """Relay ``head`` (its body still unread in the client's buffer) through ``hooks``.
+
+    Runs as a task of its own: every line the hooks log names the request.
+    """
+    logs.bind(request=session.request_id)
     limit = session.proxy.json_limit
     try:
         body = await _read_whole_body(session.client, head, framing, length, limit=limit,
@@ -84,7 +89,7 @@ async def hooked_exchange(
                   and answer_framing is not Framing.UNTIL_CLOSE)
     session.begin_exchange(request_as_sent)
     session.deliver_answer(_full_response(answer, response, keep=keep_alive),
-                           keep_alive=keep_alive)
+                           status=answer.code, keep_alive=keep_alive)
 
 
 async def _read_final_head(session: Session, upstream: UpstreamSide) -> Head:

@@ -14,6 +14,9 @@ which fights ``Upgrade: tcp`` and Docker's raw streams at every step. See docs/p
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
+import secrets
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
@@ -21,8 +24,9 @@ import aiohttp
 
 from adapter.proxy.adapters_config import DEFAULT_ADAPTERS_CONFIG, AdaptersConfig
 from adapter.proxy.hookchain import HookChain
+from adapter.proxy.observer import ProxyObserver
 from adapter.proxy.powerstrip import BuiltinHook
-from adapter.proxy.session import Session
+from adapter.proxy.session import SESSION_LOGGER, Session
 from adapter.proxy.upstream import UpstreamPool
 from adapter.settings import Settings
 
@@ -32,11 +36,19 @@ JSON_LIMIT = 10 * 1024 * 1024
 class DockerProxy:
     """Relays client connections to the Docker daemon at ``docker_url``, running hooks."""
 
-    def __init__(self, docker_url: str, hook_chain: HookChain, *, json_limit: int = JSON_LIMIT):
+    def __init__(self, docker_url: str, hook_chain: HookChain, *, json_limit: int = JSON_LIMIT,
+                 observer: ProxyObserver | None = None):
         self.docker_url = docker_url
         self.hook_chain = hook_chain
         self.json_limit = json_limit
         self.pool = UpstreamPool(docker_url)
+        self.observer = observer
+        # Read once: a line per request only at debug level, and no level check per request.
+        self.log_requests = logging.getLogger(SESSION_LOGGER).isEnabledFor(logging.DEBUG)
+        # Request ids: this proxy's tag and a count, so ids stay unique across restarts in one
+        # log and cost a counter step per request (the text is made only when a line needs it).
+        self.request_tag = secrets.token_hex(2)
+        self.request_numbers = itertools.count(1)
         self._sessions: set[Session] = set()
 
     @property
@@ -68,8 +80,10 @@ async def make_proxy(
     builtin_hooks: Mapping[str, BuiltinHook],
     adapters_config: AdaptersConfig | None = None,
     json_limit: int = JSON_LIMIT,
+    observer: ProxyObserver | None = None,
 ) -> AsyncIterator[DockerProxy]:
-    """A proxy for ``settings.docker_url`` with hooks from ``adapters_config``.
+    """A proxy for ``settings.docker_url`` with hooks from ``adapters_config``; ``observer``
+    hears of every answer and hook call.
 
     Without a config the built-in default is used, skipping hooks that are not registered. The
     HTTP client session for external adapters lives exactly as long as the proxy.
@@ -77,8 +91,8 @@ async def make_proxy(
     config = adapters_config or DEFAULT_ADAPTERS_CONFIG
     async with aiohttp.ClientSession() as session:
         chain = HookChain.build(config, builtin_hooks, session,
-                                skip_unknown=adapters_config is None)
-        proxy = DockerProxy(settings.docker_url, chain, json_limit=json_limit)
+                                skip_unknown=adapters_config is None, observer=observer)
+        proxy = DockerProxy(settings.docker_url, chain, json_limit=json_limit, observer=observer)
         try:
             yield proxy
         finally:

@@ -15,21 +15,25 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from adapter.errors import BadRequest, PowerplaneError, UpstreamError
+from adapter.logs import fields
 from adapter.proxy.connection import ConnectionSide
 from adapter.proxy.docker_errors import error_response
 from adapter.proxy.hooked import hooked_exchange
 from adapter.proxy.http1 import Framing, Head, MessageParser, find_head_end
+from adapter.proxy.observer import HIJACKED, route_class
 from adapter.proxy.pipe import HijackPipe, starts_raw_stream
 from adapter.proxy.upstream import UpstreamSide
 
 if TYPE_CHECKING:
     from adapter.proxy.relay import DockerProxy
 
-log = logging.getLogger(__name__)
+SESSION_LOGGER = __name__
+log = logging.getLogger(SESSION_LOGGER)
 
 DRAIN_AFTER_ERROR = 2.0
 
@@ -66,6 +70,16 @@ class Session:
         self._pipe: HijackPipe | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self.request_number = 0
+        # The request being timed until its answer's head (only with an observer or at debug
+        # level), and when its head arrived.
+        self._timed: Head | None = None
+        self._started = 0.0
+
+    @property
+    def request_id(self) -> str:
+        """The current request's id, as log lines about it name it."""
+        return f"{self.proxy.request_tag}-{self.request_number}"
 
     # Socket callbacks: each dispatches on the state and turns an error into an ending.
 
@@ -167,7 +181,11 @@ class Session:
         end = find_head_end(client.buffer)
         if end < 0:
             return
+        proxy = self.proxy
+        self.request_number = next(proxy.request_numbers)
         head = self.requests.parse_head(bytes(client.consume(end)))
+        if proxy.observer is not None or proxy.log_requests:
+            self._timed, self._started = head, time.perf_counter()
         framing, length = head.request_framing()
         self.requests.begin_body(framing, length)
         hooks = self.proxy.hook_chain.match(head.method, head.path)
@@ -263,7 +281,10 @@ class Session:
         assert request is not None and self.upstream is not None
         framing, length = head.response_framing(request.method)
         self.answer_started = True
-        if starts_raw_stream(head, framing):
+        hijacked = starts_raw_stream(head, framing)
+        if self._timed is not None:
+            self._answered(head.status, hijacked=hijacked)
+        if hijacked:
             self.client.write(head.relay_bytes(keep_upgrade=head.status == 101))
             self._start_pipe()
             return b""
@@ -272,13 +293,28 @@ class Session:
         self.response, self.keep_alive = head, keep
         return head.relay_bytes(close=not keep)
 
-    def deliver_answer(self, answer: bytes, *, keep_alive: bool) -> None:
+    def deliver_answer(self, answer: bytes, *, status: int, keep_alive: bool) -> None:
         """A whole answer made here (post-hooks ran) ends the exchange."""
+        if self._timed is not None:
+            self._answered(status)
         self.answer_started = True
         self.keep_alive = keep_alive
         self.client.write(answer)
         self.state = State.EXCHANGE
         self._end_exchange()
+
+    def _answered(self, status: int, *, hijacked: bool = False) -> None:
+        """The timed request has its answer's head: tell the observer (and the debug log)."""
+        head, self._timed = self._timed, None
+        assert head is not None
+        seconds = time.perf_counter() - self._started
+        route = HIJACKED if hijacked else route_class(head.method, head.path)
+        proxy = self.proxy
+        if proxy.observer is not None:
+            proxy.observer.answered(route, status, seconds)
+        if proxy.log_requests:
+            log.debug("%s %s: %d in %.2f ms (%s)", head.method, head.path, status,
+                      seconds * 1000, route, extra=fields(request=self.request_id))
 
     def _end_exchange(self) -> None:
         # dockerd may answer before reading the whole body: that connection is spent.
@@ -380,10 +416,14 @@ class Session:
         if self._closed:
             return
         if self.answer_started:
-            log.info("relay stopped (%s): %s", error.status, error.message)
+            log.info("relay stopped (%s): %s", error.status, error.message,
+                     extra=fields(request=self.request_id))
             self._abort()
             return
-        log.info("request refused (%s): %s", error.status, error.message)
+        if self._timed is not None:
+            self._answered(error.status)
+        log.info("request refused (%s): %s", error.status, error.message,
+                 extra=fields(request=self.request_id))
         self.state = State.CLOSING
         self._drop_upstream()
         client = self.client

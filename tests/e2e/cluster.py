@@ -77,7 +77,8 @@ class Host:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("POWERPLANE_", "CONSUL_"))}
         log = (self.dir / "serve.log").open("ab")
         try:
-            self.serve = self.netns.popen([POWERPLANE, "serve", *extra], env={**env, **self.env},
+            self.serve = self.netns.popen([POWERPLANE, "serve", *self.lab.serve_args, *extra],
+                                          env={**env, **self.env},
                                           stdout=log, stderr=subprocess.STDOUT)
         finally:
             log.close()
@@ -228,10 +229,12 @@ class Host:
 
 
 class E2ELab:
-    """N complete hosts; a context manager that leaves nothing behind."""
+    """N complete hosts; a context manager that leaves nothing behind. ``serve_args`` are
+    passed to every host's ``powerplane serve``."""
 
-    def __init__(self, n_hosts: int, workdir: Path) -> None:
+    def __init__(self, n_hosts: int, workdir: Path, serve_args: Sequence[str] = ()) -> None:
         self.workdir = workdir
+        self.serve_args = tuple(serve_args)  # every serve of the lab gets these, restarts too
         self.sockets = Path(tempfile.mkdtemp(prefix="ppe-", dir="/tmp"))
         self.underlay = Underlay(n_hosts)
         self.tag = self.underlay.hosts[0].name.split("-")[0]
