@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Mapping, Sequence
 from typing import TextIO
@@ -105,6 +106,8 @@ async def _doctor(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from adapter.network.readiness import StatusFile
     from adapter.network.state import State
 
+    # Every failure is a finding; the libraries' own log lines would only repeat them.
+    logging.basicConfig(level=logging.CRITICAL)
     settings = load_settings(args, environ, DOCTOR_OPTIONS)
     status_path = settings.run_dir / STATUS_FILE_NAME
     state = State(settings)
