@@ -18,15 +18,20 @@ import pytest
 from adapter.cli import build_parser
 from adapter.commands.doctor import exit_code, render_json, render_text
 from adapter.dataplane import icmp, kernel
+from adapter.dataplane.switch import DataPlane, PluggedPort, Tunnel, port_name
 from adapter.errors import ConsulUnavailable
+from adapter.model import Endpoint, Host, Network
 from adapter.network.consul_kv import AgentStatus
 from adapter.network.diagnosis import (
+    Diagnosis,
     clock_finding,
     docker_host_finding,
     serve_finding,
 )
+from adapter.network.docker_api import Docker
 from adapter.network.findings import Finding, Status, bounded, summary
 from adapter.network.peer_paths import path_finding
+from adapter.network.state import State
 from adapter.settings import Settings
 from tests.lab.netns import LabHost, Underlay
 
@@ -264,3 +269,57 @@ def test_probe_finds_a_narrow_underlay_and_a_narrow_local_link() -> None:
         assert local["local_mtu"] == 1300 and local["largest"] == 1300, local
         gone = _probe_in(h1, f"{underlay.subnet}.99")
         assert not gone["reachable"] and not gone["passes"], gone
+
+
+# -- comparisons of what the sources hold ----------------------------------------------------------
+
+
+def _diagnosis(**seen: Any) -> Diagnosis:
+    """A diagnosis with phase one's readings given (its clients are lazy: nothing is touched)."""
+    settings = SETTINGS.replace(host_id="h1", underlay_ip="192.168.50.11")
+    diagnosis = Diagnosis(settings, {}, serve_status=None, status_path=Path("/nonexistent"),
+                          state=State(settings), docker=Docker(settings.docker_url),
+                          dataplane=DataPlane(settings))
+    for name, value in seen.items():
+        setattr(diagnosis.seen, name, value)
+    return diagnosis
+
+
+NET = Network.build("blue", "10.0.6.0/24", vni=300)
+APP = "a" * 64
+
+
+def _endpoint(container: str, port: str) -> Endpoint:
+    return Endpoint(container, "blue", "10.0.6.2", "02:00:0a:00:06:02", "h1", port)
+
+
+def _plugged(container: str) -> PluggedPort:
+    return PluggedPort(container, port_name(container), "blue", 300, "10.0.6.2", "", 1)
+
+
+async def test_ports_and_records_must_match_both_ways() -> None:
+    agreeing = _diagnosis(ports=[], endpoints=[_endpoint(APP, port_name(APP))],
+                          plugged=[_plugged(APP)])
+    assert [f.status for f in await agreeing._ports()] == [Status.OK]
+    ghost = "b" * 64
+    both = await _diagnosis(ports=[], endpoints=[_endpoint(ghost, port_name(ghost))],
+                            plugged=[_plugged(APP)])._ports()
+    assert [f.status for f in both] == [Status.PROBLEM, Status.PROBLEM]
+    assert "OVS port ovsaaaaaaaaaaaa" in both[0].problem and "no endpoint record" in both[0].problem
+    assert "bbbbbbbbbbbb" in both[1].problem and "not on bridge" in both[1].problem
+    unknown = await _diagnosis(ports=None, endpoints=[])._ports()
+    assert unknown[0].status is Status.SKIPPED
+
+
+async def test_a_tunnel_to_every_peer_and_none_elsewhere() -> None:
+    hosts = [Host("h1", "192.168.50.11", "", ""), Host("h2", "192.168.50.12", "", ""),
+             Host("h3", "192.168.50.13", "", "")]
+    tunnel = Tunnel("vx1", "h2", "192.168.50.12", "blue", 300)
+    stray = Tunnel("vx2", "h9", "192.168.50.99", "blue", 300)
+    found = await _diagnosis(ports=[], hosts=hosts, networks=[NET],
+                             tunnels=[tunnel, stray])._tunnels()
+    assert [f.problem for f in found] == [
+        "no tunnel to peer h3 (192.168.50.13), which is registered",
+        "a tunnel leads to 192.168.50.99 (h9), which no registered host has"]
+    # No network, no tunnel wanted.
+    assert (await _diagnosis(ports=[], hosts=hosts, networks=[], tunnels=[])._tunnels())[0].ok

@@ -26,6 +26,7 @@ from adapter.dataplane.ovs import OvsPort
 from adapter.dataplane.switch import DataPlane, PluggedPort, Tunnel
 from adapter.model import AddressRecord, Endpoint, Host, Network
 from adapter.network import peer_paths
+from adapter.network.consul_kv import AgentStatus
 from adapter.network.docker_api import Docker
 from adapter.network.findings import Finding, bounded
 from adapter.network.state import State
@@ -98,18 +99,17 @@ class Diagnosis:
         where = self.state.address
         unreachable_fix = (f"start the Consul agent of this host, or point --consul "
                            f"(CONSUL_HTTP_ADDR) at one (now {where})")
-        status: list[Any] = []
 
         async def leader() -> list[Finding]:
-            status.append(await self.state.kv.agent_status(seconds=CONSUL_SECONDS))
-            if not status[0].leader:
+            status = await self.state.kv.agent_status(seconds=CONSUL_SECONDS)
+            if not status.leader:
                 return [Finding.bad(
                     "consul", f"Consul at {where} answers, but its cluster has no leader: "
                     "nothing can be read or written",
                     "a majority of the Consul servers must run and reach each other: see "
                     "`consul members` and `consul operator raft list-peers`")]
-            return [Finding.good("consul", f"{where}, leader {status[0].leader}"),
-                    clock_finding(status[0], where)]
+            return [Finding.good("consul", f"{where}, leader {status.leader}"),
+                    clock_finding(status, where)]
 
         found = await bounded("consul", leader, fix=unreachable_fix)
         if not all(f.ok for f in found):
@@ -362,7 +362,7 @@ def docker_host_finding(environ: Mapping[str, str], settings: Settings) -> Findi
                        f"listeners ({', '.join(listeners)})", fix)
 
 
-def clock_finding(status: Any, where: str) -> Finding:
+def clock_finding(status: AgentStatus, where: str) -> Finding:
     """This host's clock against the Consul agent's (its HTTP ``Date`` header)."""
     check = "clock"
     if status.agent_time is None:
