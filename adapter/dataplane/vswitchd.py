@@ -52,6 +52,9 @@ class Vswitchd:
         assert self._rundir is not None
         try:
             pid = int((self._rundir / PIDFILE).read_text().strip())
+        except FileNotFoundError:
+            raise DataPlaneError(
+                f"ovs-vswitchd is not running (no {self._rundir / PIDFILE})") from None
         except (OSError, ValueError) as exc:
             raise DataPlaneError(
                 f"ovs-vswitchd is not running (no pid in {self._rundir / PIDFILE}): {exc}"

@@ -20,7 +20,7 @@ from typing import Any
 from adapter.dataplane import icmp, underlay
 from adapter.dataplane.switch import VXLAN_OVERHEAD, Tunnel
 from adapter.model import Host, Network
-from adapter.network.findings import Finding
+from adapter.network.findings import CHECK_SECONDS, Finding
 from adapter.settings import Settings
 
 
@@ -95,7 +95,11 @@ async def check_peers(settings: Settings, *, hosts: Sequence[Host] | None,
 
     async def probe(ip: str, name: str) -> Finding:
         try:
-            report = await icmp.probe_path(ip, size, source=source_ip)
+            async with asyncio.timeout(CHECK_SECONDS):
+                report = await icmp.probe_path(ip, size, source=source_ip)
+        except TimeoutError:
+            return Finding.bad(f"peer {name}", f"probing {name} ({ip}) took over "
+                               f"{CHECK_SECONDS:g} s", "is this host overloaded? run again")
         except PermissionError:
             return Finding.bad(f"peer {name}", "cannot probe peers: raw ICMP sockets need "
                                "root (CAP_NET_RAW)", "run powerplane doctor as root")

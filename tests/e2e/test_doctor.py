@@ -136,7 +136,10 @@ def test_lowered_underlay_mtu_names_the_path_mtu(lab: E2ELab, h1: Host) -> None:
         switch.run(["ip", "link", "set", "p2", "mtu", "1500"])
     assert code == 1 and code_text == 1
     found = problems(report)
-    assert set(found) == {"peer h2"}, found
+    # Consul's own traffic to h2 may stall too (that is what the fault does to TCP): only the
+    # peers' verdicts are asserted.
+    statuses = {f["check"]: f["status"] for f in report["findings"]}
+    assert statuses["peer h3"] == "ok", found
     problem = found["peer h2"][0]
     assert "packets of 1500 bytes" in problem and "do not pass" in problem, problem
     largest = int(re.search(r"the largest that passes is (\d+) bytes", problem).group(1))
