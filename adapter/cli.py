@@ -23,7 +23,7 @@ from adapter.errors import PowerplaneError
 Handler = Callable[[argparse.Namespace, Mapping[str, str]], Coroutine[Any, Any, int]]
 
 # Modules under adapter.commands, in the order `--help` lists them.
-COMMAND_MODULES = ("serve", "network", "group", "ip", "hosts", "status")
+COMMAND_MODULES = ("serve", "network", "group", "ip", "hosts", "status", "doctor")
 
 DESCRIPTION = """\
 Multi-host overlay networking for Docker.

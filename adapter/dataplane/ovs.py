@@ -41,6 +41,21 @@ class OvsPort:
     mtu_request: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class SwitchFacts:
+    """What an Open vSwitch says about itself in its ``Open_vSwitch`` row.
+
+    ``datapath_types`` and ``iface_types`` are written by ovs-vswitchd when it starts: what
+    this build and kernel support. ``ovs_version`` is set by the distribution's start script
+    and may be empty when the daemons were started by hand.
+    """
+
+    ovs_version: str
+    db_version: str
+    datapath_types: tuple[str, ...]
+    iface_types: tuple[str, ...]
+
+
 def _scalar(value: Any) -> Any:
     """OVSDB optional columns read as [] or [value]."""
     if isinstance(value, list):
@@ -128,6 +143,35 @@ class Ovs:
     async def delete_bridge(self, name: str) -> None:
         await self._call(f"delete bridge {name}",
                          lambda api: api.del_br(name, if_exists=True).execute(check_error=True))
+
+    async def switch_facts(self) -> SwitchFacts:
+        """The ``Open_vSwitch`` row's version and supported types."""
+
+        def work(api: Any) -> SwitchFacts:
+            with api.ovsdb_connection.lock:
+                rows = list(api.idl.tables[SCHEMA].rows.values())
+                if not rows:
+                    return SwitchFacts("", "", (), ())
+                row = rows[0]
+                return SwitchFacts(
+                    ovs_version=str(_scalar(row.ovs_version) or ""),
+                    db_version=str(_scalar(row.db_version) or ""),
+                    datapath_types=tuple(sorted(row.datapath_types)),
+                    iface_types=tuple(sorted(row.iface_types)),
+                )
+
+        return await self._call("read the Open_vSwitch table", work)
+
+    async def bridge_datapath(self, name: str) -> str | None:
+        """The datapath type of bridge ``name`` ("" means OVS's default, system); None if
+        there is no such bridge."""
+
+        def work(api: Any) -> str | None:
+            with api.ovsdb_connection.lock:
+                row = idlutils.row_by_value(api.idl, "Bridge", "name", name, None)
+                return None if row is None else str(row.datapath_type or "")
+
+        return await self._call(f"look up bridge {name}", work)
 
     async def bridge_exists(self, name: str) -> bool:
         return bool(await self._call(f"look up bridge {name}",

@@ -1,6 +1,7 @@
 """ovs-vswitchd's control socket (unixctl), for what OVSDB cannot say: the only ``ovs`` importer.
 
-Used for one thing: the userspace datapath's tunnel neighbour table. Userspace VXLAN resolves
+Used for two things: asking whether ovs-vswitchd runs at all (``version``; OVSDB answers
+without it), and the userspace datapath's tunnel neighbour table. Userspace VXLAN resolves
 the underlay MAC of a tunnel's far end itself, from ARP it snoops on the underlay bridge; until
 it has one, it drops the packet it was asked to send and sends an ARP instead. The host's own
 kernel usually knows the peer already (Consul talks over the underlay), so no ARP passes and the
@@ -15,6 +16,7 @@ runs in a worker thread.
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import ovs.unixctl.client
@@ -50,6 +52,9 @@ class Vswitchd:
         assert self._rundir is not None
         try:
             pid = int((self._rundir / PIDFILE).read_text().strip())
+        except FileNotFoundError:
+            raise DataPlaneError(
+                f"ovs-vswitchd is not running (no {self._rundir / PIDFILE})") from None
         except (OSError, ValueError) as exc:
             raise DataPlaneError(
                 f"ovs-vswitchd is not running (no pid in {self._rundir / PIDFILE}): {exc}"
@@ -60,7 +65,8 @@ class Vswitchd:
         path = self._control_socket()
         error, client = ovs.unixctl.client.UnixctlClient.create(path)
         if error or client is None:
-            raise DataPlaneError(f"cannot reach ovs-vswitchd at {path} (error {error})")
+            reason = os.strerror(error) if isinstance(error, int) and error else "no client"
+            raise DataPlaneError(f"cannot reach ovs-vswitchd at {path}: {reason}")
         try:
             error, failure, result = client.transact(command, list(args))
         finally:
@@ -69,6 +75,10 @@ class Vswitchd:
             raise DataPlaneError(f"ovs-vswitchd refused {command} {' '.join(args)}: "
                                  f"{failure or f'error {error}'}".strip())
         return str(result or "")
+
+    async def version(self) -> str:
+        """ovs-vswitchd's own version line; DataPlaneError when it does not answer (stopped)."""
+        return (await asyncio.to_thread(self._command, "version")).strip().splitlines()[0]
 
     async def tunnel_neighbors(self) -> dict[str, str]:
         """The userspace datapath's tunnel neighbours: underlay IP → MAC."""

@@ -134,6 +134,16 @@ class Addresses:
             if (record := _address_record(network, ip, value)) is not None
         }
 
+    async def held_by(self, host: str) -> list[tuple[str, AddressRecord]]:
+        """Every address record naming ``host``, as (network, record), from one listing."""
+        found: list[tuple[str, AddressRecord]] = []
+        for key, value in (await self._kv.items("addresses/")).items():
+            network, _, ip = key.partition("/")
+            record = _address_record(network, ip, value) if ip else None
+            if record is not None and record.host == host:
+                found.append((network, record))
+        return sorted(found, key=lambda item: (item[0], ip_sort_key(item[1].ip)))
+
     async def counts(self) -> dict[str, int]:
         """How many addresses each network has allocated, from one key listing."""
         counts: dict[str, int] = {}

@@ -24,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import email.utils
 import json
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -70,6 +72,20 @@ class Listing:
 
     items: dict[str, Any]
     index: int
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStatus:
+    """One answer of the Consul agent about its cluster, with the agent's clock.
+
+    ``agent_time`` is the answer's HTTP ``Date`` header (whole seconds, by the agent's clock);
+    ``sent`` and ``received`` are this host's clock around the request.
+    """
+
+    leader: str  # the leader's RPC address; "" while the cluster has none
+    agent_time: float | None
+    sent: float
+    received: float
 
 
 def dump(data: Mapping[str, Any]) -> str:
@@ -237,6 +253,40 @@ class ConsulKV:
         new_index, items = await self._call(request, retry=False,
                                             seconds=WATCH_WAIT_SECONDS + REQUEST_TIMEOUT)
         return Listing(_by_key(prefix, items), int(new_index))
+
+    async def agent_status(self, *, seconds: float = REQUEST_TIMEOUT) -> AgentStatus:
+        """The cluster's leader as the agent knows it, and the agent's clock; asked once
+        (no retry through an election: "no leader" is the answer)."""
+
+        def parse(response: Response) -> tuple[str, float | None]:
+            if response.code in (401, 403):
+                raise ACLPermissionDenied(response.body)
+            if response.code != 200:
+                raise ConsulException(f"{response.code} {response.body}")
+            try:
+                leader = json.loads(response.body)
+            except ValueError:
+                raise ConsulException(f"200 {response.body[:200]!r}") from None
+            date = response.headers.get("Date")
+            try:
+                stamp = email.utils.parsedate_to_datetime(date).timestamp() if date else None
+            except (TypeError, ValueError):
+                stamp = None
+            return (leader if isinstance(leader, str) else ""), stamp
+
+        def request(c: consul.aio.Consul) -> Awaitable[tuple[str, float | None]]:
+            result: Awaitable[tuple[str, float | None]] = c.http.get(
+                parse, "/v1/status/leader", headers=c.prepare_headers())
+            return result
+
+        sent = time.time()
+        leader, agent_time = await self._call(request, seconds=seconds, retry=False)
+        return AgentStatus(leader, agent_time, sent, time.time())
+
+    async def session_exists(self, session: str) -> bool:
+        """Whether Consul still knows ``session`` (a session that expired is gone)."""
+        _, found = await self._call(lambda c: c.session.info(session))
+        return found is not None
 
     # -- writes ------------------------------------------------------------------------------
 

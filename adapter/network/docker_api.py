@@ -50,8 +50,10 @@ class SandboxSpec:
 class Docker:
     """A thin asynchronous face on docker-py's low-level client."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, timeout: float = 120) -> None:
         self._url = url
+        # A worker thread cannot be abandoned, only waited for: this bounds each call.
+        self._timeout = timeout
         self._client: docker.APIClient | None = None
         self._lock = threading.Lock()
 
@@ -59,7 +61,7 @@ class Docker:
         with self._lock:
             if self._client is None:
                 self._client = docker.APIClient(base_url=self._url, version=API_VERSION,
-                                                timeout=120)
+                                                timeout=self._timeout)
             return self._client
 
     async def _call(self, what: str, fn: Callable[[docker.APIClient], T]) -> T:

@@ -11,6 +11,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from adapter.errors import StateError
@@ -26,6 +27,16 @@ SESSION_TTL_MIN = 10
 REGISTER_ATTEMPTS = 3
 
 
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """A host's record as Consul holds it: the record (None when damaged), the session holding
+    it (None when none does) and whether Consul still knows that session."""
+
+    host: Host | None
+    session: str | None
+    session_alive: bool
+
+
 class Hosts:
     """Registration of this host and the list of all of them."""
 
@@ -35,6 +46,20 @@ class Hosts:
 
     async def all(self) -> list[Host]:
         return parse_hosts(await self._kv.items("hosts/"))
+
+    async def registration(self, host_id: str) -> Registration | None:
+        """How ``hosts/<host_id>`` stands in Consul; None when there is no such record."""
+        key = f"hosts/{host_id}"
+        found = await self._kv.get(key)
+        if found is None:
+            return None
+        try:
+            host: Host | None = Host.from_json(host_id, found[0])
+        except ValueError:
+            host = None
+        session = await self._kv.holder(key)
+        alive = session is not None and await self._kv.session_exists(session)
+        return Registration(host, session, alive)
 
     def watch(self) -> AsyncIterator[list[Host]]:
         """Yield the host list now and after every change; rides out Consul outages."""

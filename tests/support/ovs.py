@@ -101,6 +101,9 @@ class OvsInstance:
         # only a connection that is accepted says it is ready.
         self._wait_for(lambda: _accepts(self.db_sock), "ovsdb-server socket")
         self.vsctl("--no-wait", "init")
+        self._start_vswitchd()
+
+    def _start_vswitchd(self) -> None:
         self._spawn(["ovs-vswitchd", self.db_url,
                      f"--pidfile={self.workdir / 'ovs-vswitchd.pid'}",
                      f"--log-file={self.workdir / 'ovs-vswitchd.log'}", "--no-chdir"],
@@ -109,6 +112,17 @@ class OvsInstance:
         self._wait_for(lambda: (self.workdir / "ovs-vswitchd.pid").exists(), "ovs-vswitchd")
         self._wait_for(lambda: self.appctl("version", check=False).returncode == 0,
                        "ovs-vswitchd control socket")
+
+    def stop_vswitchd(self) -> None:
+        """Stop ovs-vswitchd alone (``ovs-appctl exit``); ovsdb-server goes on answering."""
+        vswitchd = self._processes.pop()  # spawned last
+        self.appctl("exit", check=False)
+        vswitchd.wait(10)
+
+    def start_vswitchd(self) -> None:
+        """Start ovs-vswitchd again (after ``stop_vswitchd``) on the same database."""
+        (self.workdir / "ovs-vswitchd.pid").unlink(missing_ok=True)
+        self._start_vswitchd()
 
     def kill(self) -> None:
         """SIGKILL both daemons (a crash): the database file and kernel devices stay."""
