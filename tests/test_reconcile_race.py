@@ -64,7 +64,7 @@ class FakeDataPlane:
         self.ports: dict[str, Any] = {}
 
     async def plug(self, *, container_id: str, netns: int | str, network: Network,
-                   ip: str) -> Any:
+                   ip: str, groups: Iterable[str] = ()) -> Any:
         port = type("Port", (), {"container_id": container_id, "port": "ovs" + container_id[:12],
                                  "mac": "02:42:0a:2c:00:02"})()
         self.ports[container_id] = port
