@@ -241,10 +241,10 @@ class DataPlane:
         # Secure: a vswitchd (re)started without our flows forwards nothing rather than
         # everything, so no guarded port is ever open while its flows are being put back. Not
         # with a remote OVS, whose flow tables this host cannot reach to fill.
+        # The flows already installed stay: a restarted serve does not know the groups yet,
+        # and the security reconciler installs its own once it does (or after a grace time).
         await self.ovs.ensure_bridge(self.bridge, datapath=self.settings.datapath,
                                      fail_mode="secure" if self.openflow.reachable else None)
-        async with self._lock:
-            await self._apply_flows(await self._ports())
         if self.settings.mtu is None:
             self._mtu = underlay_mtu - VXLAN_OVERHEAD
 
@@ -263,6 +263,8 @@ class DataPlane:
             log.warning("Open vSwitch lost bridge %s or the underlay set-up; putting it back",
                         self.bridge)
             await self.start()
+            async with self._lock:  # a bridge made again has no flows, and forwards nothing
+                await self._apply_flows(await self._ports())
         return lost
 
     async def close(self) -> None:

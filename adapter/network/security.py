@@ -21,6 +21,7 @@ ovs-vswitchd's memory, so a restarted vswitchd is checked for every second and r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -34,6 +35,7 @@ from adapter.model import Endpoint, Network
 log = logging.getLogger(__name__)
 
 CANARY_SECONDS = 1.0  # how often a restarted ovs-vswitchd is looked for (a pidfile read)
+STARTUP_GRACE_SECONDS = 5.0
 
 
 class Follows(Protocol):
@@ -109,6 +111,11 @@ class SecurityReconciler:
             self._changed.set()
 
     async def _canary(self) -> None:
+        # Not before the groups are known (or a while has passed without them): flows put in
+        # by a serve that ran before are better than ones that know no group.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STARTUP_GRACE_SECONDS):
+                await self.applied.wait()
         while True:
             await asyncio.sleep(CANARY_SECONDS)
             try:

@@ -21,6 +21,7 @@ from adapter.dataplane.flows import Allow
 from adapter.dataplane.switch import DataPlane
 from adapter.groups import GroupRule
 from adapter.model import Host, Network, NetworkSpec
+from adapter.network.security import compile_groups, remote_containers
 from adapter.network.state import State
 from adapter.settings import CONSUL_OPTIONS, SERVE_OPTIONS, load_settings
 
@@ -32,6 +33,13 @@ async def run(ops: list[dict[str, Any]]) -> list[Any]:
     results: list[Any] = []
     try:
         await dataplane.start()
+        # Another process on the agent's switch: it must know the groups the agent enforces,
+        # or its own plugs would install flows without them.
+        endpoints = await state.endpoints.all()
+        await dataplane.set_security(compile_groups(
+            await state.groups.all(), endpoints, await state.networks.all()))
+        pairs = await state.connections.pairs()
+        await dataplane.set_routes(pairs, remote_containers(endpoints, pairs, settings.host_id))
         for op in ops:
             kind = op["op"]
             if kind == "plug":
