@@ -9,6 +9,7 @@ allowed.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 import time
@@ -165,6 +166,15 @@ def gateway_mac(vni: int) -> str:
     """
     return "02:70:70:" + ":".join(f"{(validate_vni(vni) >> shift) & 0xff:02x}"
                                   for shift in (16, 8, 0))
+
+
+def router_mac(host_id: str) -> str:
+    """The source MAC of frames a host routes into a connected network on another host:
+    02:71 + 4 bytes of a digest of the host's id. Not the gateway MAC, which every host
+    shares: a bridge that learned it on a tunnel would send its own containers' traffic for
+    their gateway there."""
+    digest = hashlib.sha256(host_id.encode()).digest()
+    return "02:71:" + ":".join(f"{byte:02x}" for byte in digest[:4])
 
 
 def _record(data: object) -> Mapping[str, Any]:

@@ -9,15 +9,17 @@ from adapter.dataplane.flows import (
     BASE,
     GROUP,
     PORT,
+    ROUTE,
     Allow,
     GuardedPort,
+    RemoteEndpoint,
     cookie,
     is_ours,
     port_masks,
     render,
 )
 from adapter.groups import Group, GroupRule
-from adapter.model import Endpoint, Network
+from adapter.model import Endpoint, Network, router_mac
 from adapter.network.security import compile_groups
 
 
@@ -118,3 +120,17 @@ def test_compile_resolves_group_network_and_cidr_sources() -> None:
         Allow("web", "icmp", None, ("10.0.6.0/24",)),
         Allow("web", "any", None, ("192.168.0.0/16",)),
     )
+
+
+def test_route_flows_answer_arp_and_send_down_the_tunnel_with_the_router_mac() -> None:
+    route = RemoteEndpoint("blue", gateway_ofport=5, tunnel_ofport=9, mac="02:42:0a:00:07:02",
+                           ip="10.0.7.2", router_mac="02:71:01:02:03:04")
+    flows = [f for f in render([], {}, [route]) if f.startswith(f"cookie={cookie(ROUTE, 'blue'):#x}")]
+    arp, unicast = flows
+    assert "in_port=5,arp,arp_op=1,arp_tpa=10.0.7.2" in arp
+    assert "load:0xa000702->NXM_OF_ARP_SPA[]" in arp and arp.endswith("output:5")
+    # Never the shared gateway MAC as source on a tunnel, and the input port forgotten so that
+    # OVS lets a protected gateway reach a protected tunnel.
+    assert unicast.endswith("actions=mod_dl_src:02:71:01:02:03:04,load:0->NXM_OF_IN_PORT[],"
+                            "output:9")
+    assert router_mac("h1") != router_mac("h2") and router_mac("h1").startswith("02:71:")

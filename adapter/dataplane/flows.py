@@ -86,6 +86,7 @@ class RemoteEndpoint:
     tunnel_ofport: int  # the tunnel to the container's host for that network
     mac: str
     ip: str
+    router_mac: str  # this host's source MAC for routed frames (model.router_mac)
 
 
 def port_masks(low: int, high: int) -> list[tuple[int, int]]:
@@ -186,7 +187,7 @@ def _route_flows(route: RemoteEndpoint) -> list[str]:
         f"{owner},in_port={route.gateway_ofport},arp,arp_op=1,arp_tpa={route.ip},"
         f"actions={answer}",
         f"{owner},in_port={route.gateway_ofport},dl_dst={route.mac},"
-        f"actions={FORGET_IN_PORT},output:{route.tunnel_ofport}",
+        f"actions=mod_dl_src:{route.router_mac},{FORGET_IN_PORT},output:{route.tunnel_ofport}",
     ]
 
 

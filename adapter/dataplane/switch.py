@@ -48,7 +48,7 @@ from adapter.dataplane.openflow import OpenFlow
 from adapter.dataplane.ovs import Ovs, OvsPort
 from adapter.dataplane.vswitchd import Vswitchd
 from adapter.errors import DataPlaneError
-from adapter.model import Host, Network, gateway_mac, mac_for_ip
+from adapter.model import Host, Network, gateway_mac, mac_for_ip, router_mac
 from adapter.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -422,7 +422,8 @@ class DataPlane:
             tunnel = tunnels.get((container.host_id, vni))
             if tunnel is not None:
                 routes.append(RemoteEndpoint(container.network, gateway_ofport, tunnel,
-                                             container.mac, container.ip))
+                                             container.mac, container.ip,
+                                             router_mac(self.settings.host_id)))
         return routes
 
     async def ensure_flows(self) -> bool:
