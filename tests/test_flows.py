@@ -125,7 +125,8 @@ def test_compile_resolves_group_network_and_cidr_sources() -> None:
 def test_route_flows_answer_arp_and_send_down_the_tunnel_with_the_router_mac() -> None:
     route = RemoteEndpoint("blue", gateway_ofport=5, tunnel_ofport=9, mac="02:42:0a:00:07:02",
                            ip="10.0.7.2", router_mac="02:71:01:02:03:04")
-    flows = [f for f in render([], {}, [route]) if f.startswith(f"cookie={cookie(ROUTE, 'blue'):#x}")]
+    owner = f"cookie={cookie(ROUTE, 'blue'):#x}"
+    flows = [f for f in render([], {}, [route]) if f.startswith(owner)]
     arp, unicast = flows
     assert "in_port=5,arp,arp_op=1,arp_tpa=10.0.7.2" in arp
     assert "load:0xa000702->NXM_OF_ARP_SPA[]" in arp and arp.endswith("output:5")
