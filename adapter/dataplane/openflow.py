@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,21 +43,20 @@ class OpenFlow:
         """False when OVS is remote (a TCP OVSDB): its management socket is not on this host."""
         return self._target is not None
 
-    async def _run(self, command: str, *operands: str, options: Sequence[str] = (),
-                   stdin: str | None = None) -> str:
+    async def _run(self, command: str, *operands: str, options: Sequence[str] = ()) -> str:
         if self._target is None:
             raise DataPlaneError(f"the OpenFlow tables of {self.bridge} are not reachable from "
                                  "this host (OVSDB is remote)")
         argv = [COMMAND, "-O", PROTOCOL, *options, command, self._target, *operands]
         try:
             process = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE)
         except OSError as exc:
             raise DataPlaneError(f"cannot run {COMMAND}: {exc}") from None
         try:
             async with asyncio.timeout(TIMEOUT_SECONDS):
-                out, err = await process.communicate(stdin.encode() if stdin else None)
+                out, err = await process.communicate()
         except TimeoutError:
             process.kill()
             await process.wait()
@@ -70,11 +70,23 @@ class OpenFlow:
 
     async def replace(self, flows: Sequence[str]) -> None:
         """Make the bridge's flow table exactly ``flows``, atomically, touching only changes."""
-        await self._run("replace-flows", "-", options=["--bundle"],
-                        stdin="\n".join(flows) + "\n")
+        # From a file, not a pipe: an ovs-ofctl that cannot reach the switch exits before it
+        # reads its input, and a write into its closed pipe would fail outside our control.
+        path = await asyncio.to_thread(_write_flows, flows)
+        try:
+            await self._run("replace-flows", str(path), options=["--bundle"])
+        finally:
+            await asyncio.to_thread(path.unlink, missing_ok=True)
 
     async def dump(self, cookie: int | None = None) -> list[str]:
         """The flows now installed (all, or those with exactly ``cookie``), without counters."""
         selector = [f"cookie={cookie:#x}/-1"] if cookie is not None else []
         text = await self._run("dump-flows", *selector, options=["--no-stats"])
         return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _write_flows(flows: Sequence[str]) -> Path:
+    with tempfile.NamedTemporaryFile("w", prefix="powerplane-flows-", suffix=".txt",
+                                     delete=False) as file:
+        file.write("\n".join(flows) + "\n")
+    return Path(file.name)
