@@ -228,7 +228,8 @@ def switch_state(host: Host) -> tuple[list[str], str] | None:
     try:
         if "powerplane0" not in host.ovs.vsctl("list-br").split():
             return None
-        dump = host.ovs.ofctl("dump-flows", "powerplane0")
+        # Ports by name: a bridge made again on a fresh database numbers them anew.
+        dump = host.ovs.ofctl("--names", "dump-flows", "powerplane0")
     except RuntimeError:
         return None
     flows = [" ".join(word for word in line.split() if not word.startswith(
