@@ -46,8 +46,12 @@ COPY build/debs/ /tmp/debs/
 # libnftables and its libraries as packages; the Python binding only unpacked, since it names
 # Debian's python3 as a dependency and this venv's Python is the base image's. It is pure
 # Python over ctypes, linked into the venv alone, exactly as deploy/install.sh does on a host.
-RUN dpkg -i $(ls /tmp/debs/*.deb | grep -v python3-nftables) \
+# ovs-ofctl alone from openvswitch-common (whose other programs need Debian's python3 and
+# more): serve installs the bridge's flow tables with it, through the mounted run directory.
+RUN dpkg -i $(ls /tmp/debs/*.deb | grep -v -e python3-nftables -e openvswitch-common) \
  && dpkg-deb -x /tmp/debs/python3-nftables_*.deb / \
+ && dpkg-deb --fsys-tarfile /tmp/debs/openvswitch-common_*.deb | tar -x -C / ./usr/bin/ovs-ofctl \
+ && ovs-ofctl --version \
  && python3 -m venv /opt/powerplane \
  && /opt/powerplane/bin/pip install --no-index --no-cache-dir --disable-pip-version-check \
         --find-links /tmp/wheels powerplane \

@@ -33,6 +33,10 @@ say() { printf '==> %s\n' "$*"; }
 # libnftables1 and what it needs beyond a slim Debian base (libc6 and libtinfo6 are there).
 nftables_debs=(python3-nftables libnftables1 libnftnl11 libjansson4 libmnl0 libxtables12
                libedit2 libbsd0 libmd0 libgmp10)
+# ovs-ofctl, the one program serve runs (the flow tables): only that binary is unpacked from
+# openvswitch-common in the image, with the libraries it links (libc6 and zlib1g are there).
+openflow_debs=(openvswitch-common libcap-ng0 libnuma1 libxdp1 libbpf1 libelf1 libunbound8
+               libevent-2.1-7 libhogweed6 libnettle8 libssl3)
 python=${POWERPLANE_VENV:-/opt/powerplane}/bin/python
 [ -x "$python" ] || python=python3
 
@@ -55,11 +59,13 @@ fi
 # The host firewall's binding (python3-nftables) and the C library under it come from Debian,
 # not PyPI: fetched here through this host's apt sources, installed in the image from files.
 # The base is Debian bookworm like this host, so the same versions fit.
-say "Debian packages for the host firewall (apt-get download)"
+say "Debian packages for the host firewall and the flow tables (apt-get download)"
 rm -rf "$context/build/debs"
 mkdir -p "$context/build/debs"
-(cd "$context/build/debs" && apt-get download -q "${nftables_debs[@]}" >/dev/null 2>&1) || {
-  echo "build-image.sh: could not download ${nftables_debs[*]} with apt-get" >&2; exit 1; }
+(cd "$context/build/debs" && apt-get download -q "${nftables_debs[@]}" "${openflow_debs[@]}" \
+   >/dev/null 2>&1) || {
+  echo "build-image.sh: could not download ${nftables_debs[*]} ${openflow_debs[*]} with" \
+       "apt-get" >&2; exit 1; }
 
 build_args=()
 if [ -n "$base" ]; then build_args+=(--build-arg "BASE=$base"); fi

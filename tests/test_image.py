@@ -74,3 +74,10 @@ def test_image_serve_proxies_ping(image_daemon: DockerDaemon, powerplane_image: 
             time.sleep(0.2)
     finally:
         docker(image_daemon, "rm", "-f", name, check=False)
+
+
+def test_image_has_ovs_ofctl(image_daemon: DockerDaemon, powerplane_image: str) -> None:
+    """serve installs the flow tables with ovs-ofctl: the image runs it."""
+    probe = docker(image_daemon, "run", "--rm", "--network", "none", "--entrypoint",
+                   "ovs-ofctl", powerplane_image, "--version")
+    assert probe.stdout.startswith("ovs-ofctl (Open vSwitch)")
