@@ -11,7 +11,7 @@ from adapter.dataplane.flows import (
     PORT,
     ROUTE,
     Allow,
-    GuardedPort,
+    FlowPort,
     RemoteEndpoint,
     cookie,
     is_ours,
@@ -56,8 +56,8 @@ def test_cookies_tell_owner_and_kind_apart() -> None:
     assert not is_ours(0) and not is_ours(0x1234)
 
 
-WEB = GuardedPort("ovsweb", 7, "02:00:0a:00:06:02", "10.0.6.2", 3, ("web",))
-OPEN = GuardedPort("ovsopen", 8, "02:00:0a:00:06:03", "10.0.6.3", 3)
+WEB = FlowPort("ovsweb", 7, "02:00:0a:00:06:02", "10.0.6.2", 3, ("web",))
+OPEN = FlowPort("ovsopen", 8, "02:00:0a:00:06:03", "10.0.6.3", 3)
 
 
 def test_every_port_gets_port_security_and_only_guarded_ones_tracking() -> None:
@@ -87,7 +87,7 @@ def test_group_rules_become_flows_owned_by_the_group() -> None:
 
 
 def test_the_same_allow_from_two_groups_is_one_flow() -> None:
-    both = GuardedPort("ovsweb", 7, "02:00:0a:00:06:02", "10.0.6.2", 3, ("a", "b"))
+    both = FlowPort("ovsweb", 7, "02:00:0a:00:06:02", "10.0.6.2", 3, ("a", "b"))
     same = Allow("a", "udp", (53, 53), ("10.0.0.0/8",))
     flows = render([both], {"a": (same,), "b": (Allow("b", "udp", (53, 53), ("10.0.0.0/8",)),)})
     assert sum("udp,tp_dst=53" in f for f in flows) == 1
@@ -129,7 +129,7 @@ def test_route_flows_answer_arp_and_send_down_the_tunnel_with_the_router_mac() -
     flows = [f for f in render([], {}, [route]) if f.startswith(owner)]
     arp, unicast = flows
     assert "in_port=5,arp,arp_op=1,arp_tpa=10.0.7.2" in arp
-    assert "load:0xa000702->NXM_OF_ARP_SPA[]" in arp and arp.endswith("output:5")
+    assert "load:0x0a000702->NXM_OF_ARP_SPA[]" in arp and arp.endswith("output:5")
     # Never the shared gateway MAC as source on a tunnel, and the input port forgotten so that
     # OVS lets a protected gateway reach a protected tunnel.
     assert unicast.endswith("actions=mod_dl_src:02:71:01:02:03:04,load:0->NXM_OF_IN_PORT[],"

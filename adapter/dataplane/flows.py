@@ -66,8 +66,9 @@ class Allow:
 
 
 @dataclass(frozen=True, slots=True)
-class GuardedPort:
-    """A container port on this bridge with its OpenFlow number and identity."""
+class FlowPort:
+    """A container port on this bridge with its OpenFlow number and identity; *guarded* when
+    it is in a group."""
 
     name: str
     ofport: int
@@ -117,7 +118,7 @@ def _proto_matches(allow: Allow) -> list[str]:
             for value, mask in port_masks(low, high)]
 
 
-def render(ports: Iterable[GuardedPort], allows: Mapping[str, Iterable[Allow]],
+def render(ports: Iterable[FlowPort], allows: Mapping[str, Iterable[Allow]],
            routes: Iterable[RemoteEndpoint] = ()) -> list[str]:
     """The whole flow table, one ``ovs-ofctl`` flow per line, in a stable order.
 

@@ -43,7 +43,7 @@ from adapter.dataplane.firewall import (
     PublishedPort,
     Ruleset,
 )
-from adapter.dataplane.flows import Allow, GuardedPort, RemoteEndpoint, render
+from adapter.dataplane.flows import Allow, FlowPort, RemoteEndpoint, render
 from adapter.dataplane.openflow import OpenFlow
 from adapter.dataplane.ovs import Ovs, OvsPort
 from adapter.dataplane.vswitchd import Vswitchd
@@ -239,10 +239,10 @@ class DataPlane:
         elif self.settings.underlay_ip:
             underlay_mtu, self.underlay_mac = await underlay.underlay_link(self.settings)
         # Secure: a vswitchd (re)started without our flows forwards nothing rather than
-        # everything, so no guarded port is ever open while its flows are being put back. Not
-        # with a remote OVS, whose flow tables this host cannot reach to fill.
-        # The flows already installed stay: a restarted serve does not know the groups yet,
-        # and the security reconciler installs its own once it does (or after a grace time).
+        # everything, so no guarded port is ever open while its flows are being put back (not
+        # with a remote OVS, whose flow tables this host cannot reach to fill). Flows already
+        # installed stay: a restarted serve does not know the groups yet; the security
+        # reconciler installs its own once it does, or after a grace time.
         await self.ovs.ensure_bridge(self.bridge, datapath=self.settings.datapath,
                                      fail_mode="secure" if self.openflow.reachable else None)
         if self.settings.mtu is None:
@@ -439,12 +439,13 @@ class DataPlane:
         if not self.openflow.reachable:
             return
         ports = list(ports)
-        guarded = [GuardedPort(plugged.port, plugged.ofport, plugged.mac, plugged.ip,
+        container_ports = [FlowPort(plugged.port, plugged.ofport, plugged.mac, plugged.ip,
                                plugged.tag, plugged.groups)
                    for port in ports if (plugged := _plugged(port)) is not None
                    and plugged.ofport is not None and plugged.tag is not None]
         pid = self.vswitchd.pid()
-        await self.openflow.replace(render(guarded, self._allows, self._routes(ports)))
+        await self.openflow.replace(render(container_ports, self._allows,
+                                           self._routes(ports)))
         self._flows_installed_in = pid
 
     async def flows(self) -> list[str]:
