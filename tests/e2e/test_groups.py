@@ -189,6 +189,29 @@ def test_spoofing_from_a_container_with_net_admin_delivers_nothing(lab: GroupsLa
     assert page(lab, "c1", "web") == "hello-web"
 
 
+
+def test_a_published_port_meets_the_rules_too(lab: GroupsLab) -> None:
+    """A port published by a container in group web is reached from another host's address
+    only once a rule admits that address: the host forwards it with its source kept."""
+    a, b = lab.hosts[0], lab.hosts[1]
+    run_app(a, "pub", "-e", f"SOCKETPLANE_NETWORK={NETWORK}", "-e", "SOCKETPLANE_GROUPS=web",
+            "-p", "18080:80", command=httpd("hello-pub"))
+    url = f"http://{a.netns.ip}:18080/"
+
+    def from_b() -> str:
+        return b.netns.run(["curl", "-s", "-m", "2", url], check=False).stdout.strip()
+
+    try:
+        assert from_b() == "", "web's rules do not admit h2's address, yet it got in"
+        a.powerplane("group", "rule", "add", "web", "--proto", "tcp", "--port", "80",
+                     "--from", f"{b.netns.ip}/32")
+        assert wait_for("h2 reaches the published port", from_b) == "hello-pub"
+        a.powerplane("group", "rule", "rm", "web", "--proto", "tcp", "--port", "80",
+                     "--from", f"{b.netns.ip}/32")
+    finally:
+        remove(a, "pub")
+
+
 def test_serve_killed_and_ovs_restarted_keep_the_rules(lab: GroupsLab) -> None:
     a = lab.hosts[0]
     a.kill_serve(signal.SIGKILL)
