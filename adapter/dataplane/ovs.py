@@ -205,8 +205,16 @@ class Ovs:
 
         def work(api: Any) -> None:
             with api.transaction(check_error=True) as txn:
-                for name in unwanted:
-                    txn.add(api.del_port(name, if_exists=True))
+                if unwanted:
+                    # One removal from the bridge's port set (ovsdb-server drops the rows then
+                    # unreferenced), not a del_port per name: each of those scans every port of
+                    # every bridge, which made removing many of many ports quadratic.
+                    with api.ovsdb_connection.lock:
+                        row = idlutils.row_by_value(api.idl, "Bridge", "name", bridge, None)
+                        by_name = {port.name: port for port in row.ports} if row else {}
+                    gone = [by_name[name] for name in unwanted if name in by_name]
+                    if gone:
+                        txn.add(api.db_remove("Bridge", bridge, "ports", *gone))
                 for port in wanted:
                     txn.add(api.add_port(bridge, port.name, may_exist=True))
                     txn.add(api.db_set(
