@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from adapter.model import Host
+from adapter.network.state import State
 from adapter.settings import CONSUL_OPTIONS, load_settings
 from tests.lab.hosts import Lab
 
@@ -72,8 +73,6 @@ class BenchLab(Lab):
 async def play_peers() -> None:
     """Read commands on stdin: ``join FIRST COUNT`` / ``leave FIRST COUNT``; answer with the
     monotonic time the last Consul write was acknowledged."""
-    from adapter.network.state import State
-
     settings = load_settings(argparse.Namespace(), os.environ, CONSUL_OPTIONS)
     state = State(settings)
     kv = state.kv
@@ -102,6 +101,8 @@ async def play_peers() -> None:
 
 
 class Peers:
+    """The helper process that plays the peers, driven line by line."""
+
     def __init__(self, lab: Lab) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("POWERPLANE_", "CONSUL_"))}
         self._process = lab.underlay.underlay.popen(
