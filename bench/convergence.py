@@ -292,7 +292,7 @@ def report(results: dict[str, Any]) -> None:
         print(f"         at rest: RSS {f['rss_mb']:.0f} MB, CPU {f['cpu_percent']:.1f} %, "
               f"Consul: {f['watch_returns_per_s']:.2f} watch returns/s, "
               f"{f['other_requests_per_s']:.2f} other requests/s {f['requests']}; "
-              f"{len(f['watched'])} watches open: {' '.join(f['watched'])}")
+              f"folders watched (seen returning so far): {' '.join(f['watched'])}")
         if "stop_s" in f:
             stop = "did not stop in 60 s" if f["stop_s"] is None else f"{f['stop_s']:.2f} s"
             rejoin = seconds(f["rejoin_s"], size * networks, f["tunnels_after_rejoin"])
