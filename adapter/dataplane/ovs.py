@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ovsdbapp.backend.ovs_idl import connection, idlutils
+from ovsdbapp.backend.ovs_idl import command, connection, idlutils
 from ovsdbapp.schema.open_vswitch import impl_idl
 
 from adapter.errors import DataPlaneError
@@ -61,6 +61,47 @@ def _scalar(value: Any) -> Any:
     if isinstance(value, list):
         return value[0] if value else None
     return value
+
+
+class _PortChanges(command.BaseCommand):  # type: ignore[misc]
+    """Ports made, updated and removed on one bridge, inside one transaction.
+
+    One command for the whole change, with the bridge's ports indexed by name once: ovsdbapp's
+    per-port commands (add_port, db_set by name, del_port) each scan every port, which made a
+    change of many ports on a bridge of many ports quadratic (removing 1,000 of 1,200 took
+    2 minutes). A removed port's rows are collected by ovsdb-server once unreferenced.
+    """
+
+    def __init__(self, api: Any, bridge: str, wanted: list[OvsPort], unwanted: list[str]) -> None:
+        super().__init__(api)
+        self.bridge, self.wanted, self.unwanted = bridge, wanted, unwanted
+
+    def run_idl(self, txn: Any) -> None:
+        bridge = idlutils.row_by_value(self.api.idl, "Bridge", "name", self.bridge)
+        ports = {port.name: port for port in bridge.ports}
+        for name in self.unwanted:
+            if name in ports:
+                bridge.delvalue("ports", ports.pop(name))
+        for wanted in self.wanted:
+            port = ports.get(wanted.name)
+            if port is None or not port.interfaces:
+                iface = txn.insert(self.api.idl.tables["Interface"])
+                iface.name = wanted.name
+                port = txn.insert(self.api.idl.tables["Port"])
+                port.name = wanted.name
+                port.interfaces = [iface]
+                bridge.addvalue("ports", port)
+                ports[wanted.name] = port
+            else:
+                iface = port.interfaces[0]
+            port.tag = [wanted.tag] if wanted.tag is not None else []
+            port.protected = wanted.protected
+            port.external_ids = dict(wanted.external_ids)
+            iface.type = wanted.type
+            iface.options = dict(wanted.options)
+            iface.external_ids = dict(wanted.external_ids)
+            iface.mac = [wanted.mac] if wanted.mac else []
+            iface.mtu_request = [wanted.mtu_request] if wanted.mtu_request else []
 
 
 class Ovs:
@@ -205,32 +246,7 @@ class Ovs:
 
         def work(api: Any) -> None:
             with api.transaction(check_error=True) as txn:
-                if unwanted:
-                    # One removal from the bridge's port set (ovsdb-server drops the rows then
-                    # unreferenced), not a del_port per name: each of those scans every port of
-                    # every bridge, which made removing many of many ports quadratic.
-                    with api.ovsdb_connection.lock:
-                        row = idlutils.row_by_value(api.idl, "Bridge", "name", bridge, None)
-                        by_name = {port.name: port for port in row.ports} if row else {}
-                    gone = [by_name[name] for name in unwanted if name in by_name]
-                    if gone:
-                        txn.add(api.db_remove("Bridge", bridge, "ports", *gone))
-                for port in wanted:
-                    txn.add(api.add_port(bridge, port.name, may_exist=True))
-                    txn.add(api.db_set(
-                        "Port", port.name,
-                        ("tag", port.tag if port.tag is not None else []),
-                        ("protected", port.protected),
-                        ("external_ids", dict(port.external_ids)),
-                    ))
-                    txn.add(api.db_set(
-                        "Interface", port.name,
-                        ("type", port.type),
-                        ("options", dict(port.options)),
-                        ("external_ids", dict(port.external_ids)),
-                        ("mac", port.mac or []),
-                        ("mtu_request", port.mtu_request or []),
-                    ))
+                txn.add(_PortChanges(api, bridge, wanted, unwanted))
 
         names = ", ".join([*(p.name for p in wanted), *unwanted])
         await self._call(f"change ports {names} on {bridge}", work)
