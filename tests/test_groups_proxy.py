@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 
-from tests.lab.netns import LabHost, Underlay
+from tests.lab.netns import LabHost
 from tests.support import rawhttp
 from tests.support.consul import ConsulAgent
 from tests.support.dockerd import DockerDaemon
+from tests.support.one_host import one_host
 from tests.support.ovs import OvsInstance
 from tests.support.serve import POWERPLANE, ServeProcess
 
@@ -85,37 +85,15 @@ class Plane:
 @pytest.fixture(scope="module")
 def plane(dockerd: DockerDaemon, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
     workdir = tmp_path_factory.mktemp("groups")
-    with Underlay(1) as lab:
-        netns = lab.hosts[0]
-        consul = ConsulAgent.start_dev(workdir / "consul", netns=netns.name)
-        ovs: OvsInstance | None = None
-        serve: ServeProcess | None = None
-        try:
-            ovs = OvsInstance.start(workdir / "ovs", netns=netns.name)
-            serve = ServeProcess.start(
-                workdir / "serve", dockerd.url,
-                ["--consul", consul.http_addr, "--consul-prefix", PREFIX,
-                 "--ovsdb", ovs.db_url, "--datapath", "netdev", "--bridge", "ppgroups",
-                 "--host-id", "groups", "--underlay-ip", netns.ip,
-                 "--reconcile-interval", "3600", "--dataplane-wait", "30"],
-                command_prefix=netns.command([]))
-            deadline = time.monotonic() + 30
-            while (serve.status() or {}).get("state") != "ready":
-                assert time.monotonic() < deadline, serve.log()
-                time.sleep(0.05)
-            made = Plane(netns, consul, dockerd, serve, ovs)
-            for args in (("network", "create", NETWORK, CIDR), ("group", "create", "web"),
-                         ("group", "create", "admin")):
-                result = made.cli(*args)
-                assert result.returncode == 0, result.stderr
-            yield made
-            assert serve.process.poll() is None, "serve died during the module"
-        finally:
-            if serve is not None:
-                serve.stop()
-            if ovs is not None:
-                ovs.stop()
-            consul.kill()
+    with one_host(workdir, dockerd.url, prefix=PREFIX, bridge="ppgroups", host_id="groups",
+                  underlay=True, extra=["--dataplane-wait", "30"]) as host:
+        made = Plane(host.netns, host.consul, dockerd, host.serve, host.ovs)
+        for args in (("network", "create", NETWORK, CIDR), ("group", "create", "web"),
+                     ("group", "create", "admin")):
+            result = made.cli(*args)
+            assert result.returncode == 0, result.stderr
+        yield made
+        assert host.serve.process.poll() is None, "serve died during the module"
 
 
 @pytest.mark.parametrize(("env", "needle"), [

@@ -24,10 +24,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.lab.netns import LabHost, Underlay
+from tests.lab.netns import LabHost
 from tests.support import rawhttp
 from tests.support.consul import ConsulAgent
 from tests.support.dockerd import DockerDaemon
+from tests.support.one_host import one_host
 from tests.support.ovs import OvsInstance
 from tests.support.serve import POWERPLANE, ServeProcess
 
@@ -159,37 +160,15 @@ class Plane:
 def plane(dockerd: DockerDaemon, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
     """serve before the module's dockerd, with Consul and OVS in one lab namespace."""
     workdir = tmp_path_factory.mktemp("hostile")
-    with Underlay(1) as lab:
-        netns = lab.hosts[0]
-        consul = ConsulAgent.start_dev(workdir / "consul", netns=netns.name)
-        ovs: OvsInstance | None = None
-        serve: ServeProcess | None = None
-        try:
-            ovs = OvsInstance.start(workdir / "ovs", netns=netns.name)
-            serve = ServeProcess.start(
-                workdir / "serve", dockerd.url,
-                ["--consul", consul.http_addr, "--consul-prefix", PREFIX,
-                 "--ovsdb", ovs.db_url, "--datapath", "netdev", "--bridge", "pphostile",
-                 "--host-id", HOST_ID, "--underlay-ip", netns.ip, "--reconcile-interval", "3600",
-                 "--dataplane-wait", "30"],
-                command_prefix=netns.command([]))
-            deadline = time.monotonic() + 30
-            while (serve.status() or {}).get("state") != "ready":
-                assert time.monotonic() < deadline, serve.log()
-                time.sleep(0.05)
-            made = netns.run([POWERPLANE, "network", "create", GOOD_NETWORK, GOOD_CIDR,
-                              "--consul", consul.http_addr, "--consul-prefix", PREFIX],
-                             check=False)
-            assert made.returncode == 0, made.stderr
-            yield Plane(netns, consul, dockerd, serve, ovs)
-            assert serve.process.poll() is None, "serve died during the module"
-            assert "Traceback" not in serve.log(), serve.log()
-        finally:
-            if serve is not None:
-                serve.stop()
-            if ovs is not None:
-                ovs.stop()
-            consul.kill()
+    with one_host(workdir, dockerd.url, prefix=PREFIX, bridge="pphostile", host_id=HOST_ID,
+                  underlay=True, extra=["--dataplane-wait", "30"]) as host:
+        made = host.netns.run([POWERPLANE, "network", "create", GOOD_NETWORK, GOOD_CIDR,
+                               "--consul", host.consul.http_addr, "--consul-prefix", PREFIX],
+                              check=False)
+        assert made.returncode == 0, made.stderr
+        yield Plane(host.netns, host.consul, dockerd, host.serve, host.ovs)
+        assert host.serve.process.poll() is None, "serve died during the module"
+        assert "Traceback" not in host.serve.log(), host.serve.log()
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,11 +21,12 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.lab.netns import LabHost, Underlay
+from tests.lab.netns import LabHost
 from tests.support import rawhttp
 from tests.support.consul import ConsulAgent
 from tests.support.dockerd import DockerDaemon
 from tests.support.images import DOCKER
+from tests.support.one_host import one_host
 from tests.support.ovs import OvsInstance
 from tests.support.serve import POWERPLANE, ServeProcess
 
@@ -96,35 +96,13 @@ class Host:
 @pytest.fixture(scope="module")
 def host(dockerd: DockerDaemon, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
     workdir = tmp_path_factory.mktemp("ports")
-    with Underlay(1) as lab:
-        netns = lab.hosts[0]
-        consul = ConsulAgent.start_dev(workdir / "consul", netns=netns.name)
-        ovs: OvsInstance | None = None
-        serve: ServeProcess | None = None
-        try:
-            ovs = OvsInstance.start(workdir / "ovs", netns=netns.name)
-            serve = ServeProcess.start(
-                workdir / "serve", dockerd.url,
-                ["--consul", consul.http_addr, "--consul-prefix", PREFIX,
-                 "--ovsdb", ovs.db_url, "--datapath", "netdev", "--bridge", BRIDGE,
-                 "--host-id", "ports", "--reconcile-interval", "3600"],
-                command_prefix=netns.command([]))
-            deadline = time.monotonic() + 30
-            while (serve.status() or {}).get("state") != "ready":
-                assert time.monotonic() < deadline, serve.log()
-                time.sleep(0.05)
-            made = netns.run([POWERPLANE, "network", "create", INTERNAL_NETWORK, INTERNAL_CIDR,
-                              "--internal", "--consul", consul.http_addr,
+    with one_host(workdir, dockerd.url, prefix=PREFIX, bridge=BRIDGE, host_id="ports") as one:
+        made = one.netns.run([POWERPLANE, "network", "create", INTERNAL_NETWORK, INTERNAL_CIDR,
+                              "--internal", "--consul", one.consul.http_addr,
                               "--consul-prefix", PREFIX], check=False)
-            assert made.returncode == 0, made.stderr
-            yield Host(netns, consul, dockerd, serve, ovs)
-            assert "Traceback" not in serve.log(), serve.log()
-        finally:
-            if serve is not None:
-                serve.stop()
-            if ovs is not None:
-                ovs.stop()
-            consul.kill()
+        assert made.returncode == 0, made.stderr
+        yield Host(one.netns, one.consul, dockerd, one.serve, one.ovs)
+        assert "Traceback" not in one.serve.log(), one.serve.log()
 
 
 @pytest.fixture
